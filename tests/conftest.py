@@ -1,0 +1,91 @@
+"""Shared test fixtures: a real PostgreSQL server for the session and a fresh database per test.
+
+``TEST_DATABASE_URL`` selects an existing server (its user needs CREATEDB); otherwise one embedded
+PostgreSQL is started for the whole session in a temporary directory. The schema is migrated once
+into a template database, and each test gets its own copy of it, so tests are independent.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+os.environ.setdefault("RUST_LIB_BACKTRACE", "0")
+
+TEMPLATE = f"indexer_template_{uuid.uuid4().hex[:8]}"
+_counter = itertools.count()
+
+
+def _server_url_for(url: str, database: str) -> str:
+    return make_url(url).set(database=database).render_as_string(hide_password=False)
+
+
+def _libpq(url: str) -> str:
+    """Turn a SQLAlchemy URL into one psycopg accepts."""
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url(tmp_path_factory) -> str:
+    """URL (postgresql+psycopg) of the maintenance database of the session's PostgreSQL server."""
+    configured = os.environ.get("TEST_DATABASE_URL")
+    if configured:
+        from indexer.db import normalize_url
+
+        yield _server_url_for(normalize_url(configured), "postgres")
+        return
+
+    from indexer import embedded
+
+    server = embedded.start(tmp_path_factory.mktemp("embedded"))
+    yield _server_url_for(server.url, "postgres")
+
+
+@pytest.fixture(scope="session")
+def template_database(postgres_server_url) -> str:
+    """Name of a database migrated to the newest revision, copied for each test."""
+    from indexer import db
+
+    with psycopg.connect(_libpq(postgres_server_url), autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{TEMPLATE}"')
+    db.upgrade(_server_url_for(postgres_server_url, TEMPLATE))
+    yield TEMPLATE
+    with psycopg.connect(_libpq(postgres_server_url), autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE}" WITH (FORCE)')
+
+
+@pytest.fixture
+def empty_database_url(postgres_server_url) -> str:
+    """URL of a new database with no tables at all (for migration tests)."""
+    yield from _fresh_database(postgres_server_url, template=None)
+
+
+@pytest.fixture
+def database_url(postgres_server_url, template_database) -> str:
+    """URL of a new database already migrated to the newest revision."""
+    yield from _fresh_database(postgres_server_url, template=template_database)
+
+
+def _fresh_database(server_url: str, template: str | None):
+    name = f"test_{os.getpid()}_{next(_counter)}"
+    clause = f' TEMPLATE "{template}"' if template else ""
+    with psycopg.connect(_libpq(server_url), autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"{clause}')
+    yield _server_url_for(server_url, name)
+    with psycopg.connect(_libpq(server_url), autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def engine(database_url):
+    """A SQLAlchemy engine on the test's migrated database."""
+    from indexer.db import create_engine
+
+    engine = create_engine(database_url)
+    yield engine
+    engine.dispose()
