@@ -60,6 +60,13 @@ _NSID = re.compile(
 _NSID_MAX_LENGTH = 317
 _RECORD_KEY = re.compile(r"[A-Za-z0-9._:~-]{1,512}")
 
+# Encoded headers of the usual message types. A CBOR item determines its own end, so a frame that
+# starts with one of these byte strings has exactly that header, and the generic walk is skipped.
+_COMMON_HEADERS = [
+    (libipld.encode_dag_cbor({"t": t, "op": OP_MESSAGE}), Header(op=OP_MESSAGE, t=t))
+    for t in ("#commit", "#identity", "#account", "#sync", "#labels", "#info")
+]
+
 
 def decode_header(frame: bytes) -> Header:
     """Decode the header of a frame. Raises ``DecodeError(INVALID_FRAME)`` when it is malformed."""
@@ -145,6 +152,9 @@ def _read_header(frame: bytes) -> tuple[Header, int]:
     """Return the header and the offset where the body starts."""
     if not frame:
         raise DecodeError(DropReason.INVALID_FRAME, "frame is empty")
+    for encoded, header in _COMMON_HEADERS:
+        if frame.startswith(encoded):
+            return header, len(encoded)
     end = _item_end(frame, 0)
     try:
         decoded = libipld.decode_dag_cbor(frame[:end])

@@ -218,6 +218,13 @@ def test_header_op_must_be_integer() -> None:
     assert "'op' must be an integer" in event.error
 
 
+def test_header_with_extra_key_decodes() -> None:
+    body = commit_body(5, DID, REV, [("create", "app.bsky.feed.like/3kbbb", LIKE)])
+    event = decode_repo_frame(build_frame({"t": "#commit", "op": 1, "extra": True}, body))
+    assert isinstance(event, Commit)
+    assert event.ops[0].record == LIKE
+
+
 def test_decode_header_reads_op_and_type() -> None:
     assert decode_header(commit_frame(1, DID, REV)) == Header(op=1, t="#commit")
     assert decode_header(error_frame("FutureCursor")) == Header(op=-1, t=None)
