@@ -129,6 +129,81 @@ def db_shell(database_url: DatabaseUrlOption = None) -> None:
     raise typer.Exit(subprocess.call([psql, url]))
 
 
+def prepare_database(database_url: str | None, migrate: bool) -> db.Database:
+    """Open the configured (or embedded) database and bring its schema up to date unless told not to."""
+    database = db.open_database(database_url, announce=announce)
+    db.create_engine(database).dispose()
+    if migrate:
+        db.upgrade(database.url)
+    elif db.current_revision(database.url) != db.head_revision():
+        raise ConfigError(
+            f"the database schema is at revision {db.current_revision(database.url) or 'none'}, not "
+            f"{db.head_revision()}: run `indexer db upgrade` or drop --no-migrate"
+        )
+    return database
+
+
+@app.command("run")
+def run(
+    relay: Annotated[str, typer.Option(envvar="INDEXER_RELAY",
+                                       help="Relay to index: wss://, ws://, https:// or http:// URL, or a host name.")]
+    = "wss://bsky.network",
+    labeler: Annotated[Optional[list[str]], typer.Option(
+        "--labeler", envvar="INDEXER_LABELERS",
+        help="Labeler whose subscribeLabels stream to index; repeat for several. "
+        "Default: the Bluesky moderation service, wss://mod.bsky.app.")] = None,
+    no_labels: Annotated[bool, typer.Option("--no-labels", envvar="INDEXER_NO_LABELS",
+                                            help="Index no label streams.")] = False,
+    no_repos: Annotated[bool, typer.Option("--no-repos", envvar="INDEXER_NO_REPOS",
+                                           help="Index no relay stream, only labels.")] = False,
+    collection: Annotated[Optional[list[str]], typer.Option(
+        "--collection", envvar="INDEXER_COLLECTIONS",
+        help="Index only this collection NSID; a prefix like app.bsky.feed.* is allowed. Repeatable.")] = None,
+    did: Annotated[Optional[list[str]], typer.Option(
+        "--did", envvar="INDEXER_DIDS", help="Index only this account's events. Repeatable.")] = None,
+    batch_size: Annotated[int, typer.Option(envvar="INDEXER_BATCH_SIZE", min=1,
+                                            help="Commit after this many events.")] = 1000,
+    batch_interval: Annotated[float, typer.Option(envvar="INDEXER_BATCH_INTERVAL", min=0.01,
+                                                  help="Commit when the oldest uncommitted event is this many seconds old.")] = 0.2,
+    receive_timeout: Annotated[float, typer.Option(envvar="INDEXER_RECEIVE_TIMEOUT", min=0.1,
+                                                   help="Reconnect when a stream is silent for this many seconds.")] = 60.0,
+    max_message_size: Annotated[int, typer.Option(envvar="INDEXER_MAX_MESSAGE_SIZE", min=1024,
+                                                  help="Largest websocket message accepted, in bytes.")] = 8 * 1024 * 1024,
+    no_migrate: Annotated[bool, typer.Option("--no-migrate", envvar="INDEXER_NO_MIGRATE",
+                                             help="Do not upgrade the schema first; fail if it is not current.")] = False,
+    database_url: DatabaseUrlOption = None,
+    log_level: LogLevelOption = "info",
+    log_format: LogFormatOption = "text",
+) -> None:
+    """Index the relay's repo stream and labelers' label streams into PostgreSQL until stopped.
+
+    Resumes from the stored cursors. Ctrl-C or SIGTERM commits what was received and exits.
+
+    Example: indexer run --relay wss://bsky.network --labeler wss://mod.bsky.app
+    """
+    import asyncio
+
+    from indexer.ingest import Filters
+    from indexer.runner import DEFAULT_LABELER, RunSettings, build_indexers, run_streams
+
+    setup(log_level, log_format)
+    filters = Filters(collections=tuple(collection or ()), dids=frozenset(did or ()))
+    settings = RunSettings(
+        relay=None if no_repos else relay,
+        labelers=[] if no_labels else (labeler or [DEFAULT_LABELER]),
+        filters=filters, batch_size=batch_size, batch_interval=batch_interval,
+        receive_timeout=receive_timeout, max_message_size=max_message_size,
+    )
+    if settings.relay is None and not settings.labelers:
+        raise ConfigError("nothing to index: --no-repos and --no-labels were both given")
+    database = prepare_database(database_url, migrate=not no_migrate)
+    indexers = build_indexers(database.url, settings)
+    try:
+        asyncio.run(run_streams(indexers))
+    except asyncio.CancelledError:
+        raise typer.Exit(130) from None
+
+
 def main() -> None:
     """Entry point of the ``indexer`` console script."""
     try:

@@ -1,0 +1,326 @@
+"""The indexing loop of one stream: receive frames, decode them, batch them, commit them.
+
+``StreamIndexer`` ties a ``StreamClient`` to a ``Store``. Events are decoded in arrival order and
+added to the open batch; a batch is committed when it holds ``batch_size`` events or its oldest
+event is ``batch_interval`` seconds old, in a worker thread so that receiving goes on meanwhile.
+At most one batch is being written at a time, and batches commit in stream order.
+
+Cursor contract: the cursor stored with a batch is the seq of its last event, and every event at or
+below it is committed. Before every reconnect the open batch is committed and the connection asks
+for that cursor, so the relay resends nothing we lack. Replayed events (seq at or below the
+committed cursor) are counted and skipped; writing them again would change nothing anyway.
+
+While the database is unreachable, the write is retried with backoff and jitter, one log line per
+state change; the cursor does not move meanwhile. A write that fails because of our own code stops
+the process (``StoreError``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from indexer import frames
+from indexer.errors import DatabaseUnavailable, FutureCursorError
+from indexer.events import (
+    Commit,
+    DropReason,
+    ErrorFrame,
+    Info,
+    Invalid,
+    Labels,
+    Skipped,
+    SkipReason,
+)
+from indexer.store import Batch, Gap, Store
+from indexer.stream import Backoff, OversizedMessage, StreamClient
+
+log = logging.getLogger(__name__)
+
+REPOS_METHOD = "com.atproto.sync.subscribeRepos"
+LABELS_METHOD = "com.atproto.label.subscribeLabels"
+
+
+@dataclass
+class Filters:
+    """Which repos and collections to index; empty means everything.
+
+    ``collections`` holds NSIDs or prefixes ending in ``.*`` (``app.bsky.feed.*``). Events and ops
+    that do not match are counted as filtered, and the cursor still moves past them.
+    """
+
+    collections: tuple[str, ...] = ()
+    dids: frozenset[str] = frozenset()
+
+    def wants_collection(self, collection: str) -> bool:
+        if not self.collections:
+            return True
+        for pattern in self.collections:
+            if pattern.endswith(".*"):
+                if collection.startswith(pattern[:-1]):
+                    return True
+            elif collection == pattern:
+                return True
+        return False
+
+    def wants_did(self, did: str | None) -> bool:
+        return not self.dids or did in self.dids
+
+
+@dataclass
+class IngestCounters:
+    """Running totals for one stream, read by status lines and metrics."""
+
+    received: int = 0
+    indexed: int = 0
+    replayed: int = 0
+    batches: int = 0
+    events_by_kind: collections.Counter = field(default_factory=collections.Counter)
+    ops: collections.Counter = field(default_factory=collections.Counter)  # (collection, action)
+    skipped: collections.Counter = field(default_factory=collections.Counter)  # SkipReason
+    dead_letters: collections.Counter = field(default_factory=collections.Counter)  # DropReason
+    commit_seconds: list[float] = field(default_factory=list)
+    last_seq: int | None = None
+    last_event_time: str | None = None
+
+
+class RateLimitedWarnings:
+    """Log the first problem of each reason per interval, then only count, so hostile input cannot flood logs."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        self.interval = interval
+        self.last_logged: dict[str, float] = {}
+        self.suppressed: collections.Counter = collections.Counter()
+
+    def warn(self, reason: str, message: str, **extra: Any) -> None:
+        now = time.monotonic()
+        last = self.last_logged.get(reason)
+        if last is not None and now - last < self.interval:
+            self.suppressed[reason] += 1
+            return
+        self.last_logged[reason] = now
+        suppressed = self.suppressed.pop(reason, 0)
+        if suppressed:
+            extra["count"] = suppressed
+        log.warning(message, extra={"reason": reason, **extra})
+
+
+class StreamIndexer:
+    """Index one stream endpoint (a relay's subscribeRepos or a labeler's subscribeLabels)."""
+
+    def __init__(
+        self,
+        store: Store,
+        client_factory: Callable[[Callable], StreamClient],
+        *,
+        decode: Callable[[bytes], Any] = frames.decode_repo_frame,
+        filters: Filters | None = None,
+        batch_size: int = 1000,
+        batch_interval: float = 0.2,
+        stop_at_seq: int | None = None,
+        db_backoff: Backoff | None = None,
+    ) -> None:
+        self.store = store
+        self.endpoint = store.endpoint
+        self.decode = decode
+        self.filters = filters or Filters()
+        self.batch_size = batch_size
+        self.batch_interval = batch_interval
+        self.stop_at_seq = stop_at_seq
+        self.db_backoff = db_backoff or Backoff(base=0.5, cap=30.0)
+        self.counters = IngestCounters()
+        self.warnings = RateLimitedWarnings()
+        self.committed: int | None = None
+        self.batch = Batch(endpoint=self.endpoint)
+        self.batch_started: float | None = None
+        self.pending_gap: Gap | None = None
+        self.write_lock = asyncio.Lock()
+        self.client = client_factory(self._cursor_for_connect)
+        self.stopping = False
+        self.abandon = False  # set on a second signal: exit without committing the open batch
+        self.reached_stop_seq = False
+
+    async def run(self) -> None:
+        """Index until ``stop()`` is called or ``stop_at_seq`` is reached; commit what was received."""
+        self.committed = await self._with_database(self.store.read_cursor)
+        log.info("indexing stream", extra={"stream": self.endpoint, "cursor": self.committed})
+        timer = asyncio.create_task(self._flush_on_interval())
+        try:
+            async with self.client:
+                async for item in self.client.frames():
+                    self._handle(item)
+                    if len(self.batch) >= self.batch_size:
+                        await self.flush()
+                    if self.stopping:
+                        break
+        finally:
+            timer.cancel()
+            if not self.abandon:
+                await self.flush()
+        log.info("stream stopped", extra={"stream": self.endpoint, "cursor": self.committed})
+
+    def stop(self) -> None:
+        """Ask ``run`` to commit what it has and return; safe to call from a signal handler callback."""
+        self.stopping = True
+        asyncio.get_running_loop().create_task(self.client.aclose())
+
+    async def flush(self) -> None:
+        """Commit the open batch (waiting for an earlier one first); a no-op when it is empty."""
+        async with self.write_lock:
+            batch, self.batch, self.batch_started = self.batch, Batch(endpoint=self.endpoint), None
+            if batch.is_empty():
+                return
+            started = time.monotonic()
+            await self._with_database(lambda: self.store.write(batch))
+            self.counters.commit_seconds.append(time.monotonic() - started)
+            del self.counters.commit_seconds[:-1000]
+            self.counters.batches += 1
+            self.counters.indexed += len(batch)
+            if batch.cursor is not None:
+                self.committed = batch.cursor
+
+    async def _cursor_for_connect(self) -> int | None:
+        """Commit the open batch, then return the committed cursor to connect with."""
+        await self.flush()
+        return self.committed
+
+    async def _flush_on_interval(self) -> None:
+        while True:
+            await asyncio.sleep(self.batch_interval / 2)
+            started = self.batch_started
+            if started is not None and time.monotonic() - started >= self.batch_interval:
+                await self.flush()
+
+    async def _with_database(self, work: Callable[[], Any]) -> Any:
+        """Run blocking database ``work`` in a thread, retrying while the database is unavailable."""
+        failing_since = None
+        while True:
+            try:
+                result = await asyncio.to_thread(work)
+            except DatabaseUnavailable as error:
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    log.warning("database unavailable, retrying with backoff",
+                                extra={"stream": self.endpoint, "cursor": self.committed, "error": str(error)})
+                await asyncio.sleep(self.db_backoff.next_delay())
+                continue
+            if failing_since is not None:
+                log.info("database available again", extra={"stream": self.endpoint, "cursor": self.committed})
+            self.db_backoff.reset()
+            return result
+
+    def _handle(self, item: bytes | OversizedMessage) -> None:
+        """Decode one received item and add what it yields to the open batch."""
+        self.counters.received += 1
+        if isinstance(item, OversizedMessage):
+            self._handle_oversized(item)
+            return
+        event = self.decode(item)
+        kind = type(event).__name__
+        self.counters.events_by_kind[kind] += 1
+
+        if isinstance(event, ErrorFrame):
+            self._handle_error_frame(event)
+        elif isinstance(event, Info):
+            self._handle_info(event)
+        elif isinstance(event, Skipped):
+            self.counters.skipped[event.reason] += 1
+            self._advance_past(event)
+        elif isinstance(event, Invalid):
+            self.counters.dead_letters[event.reason] += 1
+            self.warnings.warn(event.reason, "frame dead-lettered", stream=self.endpoint, seq=event.seq,
+                               did=event.did, error=event.error)
+            self._add(event)
+        else:
+            self._handle_event(event)
+
+    def _handle_event(self, event: Any) -> None:
+        seq = event.seq
+        if self.committed is not None and seq <= self.committed:
+            self.counters.replayed += 1
+            return
+        if self.stop_at_seq is not None and seq > self.stop_at_seq:
+            self.reached_stop_seq = True
+            self.stopping = True
+            return
+        if not self.filters.wants_did(getattr(event, "did", None)):
+            self.counters.skipped[SkipReason.FILTERED] += 1
+            self._advance_past(event)
+            return
+        if isinstance(event, Commit):
+            self._filter_ops(event)
+        elif isinstance(event, Labels):
+            self.counters.ops[("label", "create")] += len(event.labels)
+        self._add(event)
+
+    def _filter_ops(self, commit: Commit) -> None:
+        kept = []
+        for op in commit.ops:
+            if self.filters.wants_collection(op.collection):
+                kept.append(op)
+                self.counters.ops[(op.collection, op.action)] += 1
+                if op.error is not None:
+                    self.counters.dead_letters[op.error.reason] += 1
+                    self.warnings.warn(op.error.reason, "record dead-lettered", stream=self.endpoint,
+                                       seq=commit.seq, did=commit.did, error=op.error.message)
+            else:
+                self.counters.skipped[SkipReason.FILTERED] += 1
+        commit.ops = kept
+
+    def _advance_past(self, event: Any) -> None:
+        """Let the cursor move past an event that adds no rows (filtered or skipped)."""
+        seq = getattr(event, "seq", None)
+        if seq is not None and (self.committed is None or seq > self.committed):
+            self.batch.cursor = seq
+            self._add_marker()
+
+    def _add(self, event: Any) -> None:
+        if self.pending_gap is not None and getattr(event, "seq", None) is not None:
+            self.pending_gap.to_seq = event.seq
+            self.batch.add(self.pending_gap)
+            self.pending_gap = None
+        self.batch.add(event)
+        seq = getattr(event, "seq", None)
+        if seq is not None:
+            self.counters.last_seq = seq
+            self.counters.last_event_time = getattr(event, "time", None)
+        self._add_marker()
+
+    def _add_marker(self) -> None:
+        if self.batch_started is None:
+            self.batch_started = time.monotonic()
+
+    def _handle_error_frame(self, event: ErrorFrame) -> None:
+        if event.error == "FutureCursor":
+            raise FutureCursorError(
+                f"the server at {self.endpoint} says our stored cursor {self.committed} is ahead of its newest "
+                f"event ({event.message or 'no message'}). Continuing would rewind the archive silently, so "
+                "indexing stopped. If the relay was reset, start a new archive or delete this stream's row "
+                "from the cursors table to start at the live tip."
+            )
+        log.warning("error frame from server; reconnecting from the committed cursor",
+                    extra={"stream": self.endpoint, "cursor": self.committed,
+                           "error": f"{event.error}: {event.message}"})
+
+    def _handle_info(self, event: Info) -> None:
+        if event.name == "OutdatedCursor":
+            log.warning("the server no longer has events after our cursor; recording a gap",
+                        extra={"stream": self.endpoint, "cursor": self.committed, "error": event.message})
+            self.pending_gap = Gap(from_seq=self.committed, to_seq=None, reason=event.name, message=event.message)
+        else:
+            log.info("info message from server", extra={"stream": self.endpoint, "error": f"{event.name}: {event.message}"})
+
+    def _handle_oversized(self, item: OversizedMessage) -> None:
+        # NOTE: the message's seq is unknown, so the cursor cannot move past it. A server that resends
+        # it on every reconnect is retried with backoff; raise --max-message-size to get past it.
+        self.counters.dead_letters[DropReason.OVERSIZED_FRAME] += 1
+        error = (f"message of {item.size} bytes exceeds the limit of {item.limit} bytes "
+                 f"(message {item.position + 1} after cursor {item.cursor})")
+        self.warnings.warn(DropReason.OVERSIZED_FRAME, "message dead-lettered", stream=self.endpoint,
+                           cursor=item.cursor, error=error)
+        self._add(Invalid(DropReason.OVERSIZED_FRAME, error, raw=b""))

@@ -1,0 +1,107 @@
+"""Running stream indexers together in one process: construction, signals and shutdown.
+
+``run_streams`` starts one ``StreamIndexer`` for the relay and one for each labeler. The first
+SIGINT or SIGTERM asks every indexer to commit what it has received and return; a second one
+abandons the open batches (nothing uncommitted is lost: the cursor never moved past them) and
+exits at once. If one stream fails (for example ``FutureCursor``), the others are stopped too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+
+from indexer import frames
+from indexer.ingest import LABELS_METHOD, REPOS_METHOD, Filters, StreamIndexer
+from indexer.store import Store
+from indexer.stream import DEFAULT_MAX_MESSAGE_SIZE, StreamClient, endpoint_url
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RELAY = "wss://bsky.network"
+DEFAULT_LABELER = "wss://mod.bsky.app"
+
+
+@dataclass
+class RunSettings:
+    """Everything ``indexer run`` needs besides the database URL."""
+
+    relay: str | None = DEFAULT_RELAY  # None: no repo stream
+    labelers: list[str] = field(default_factory=lambda: [DEFAULT_LABELER])
+    filters: Filters = field(default_factory=Filters)
+    batch_size: int = 1000
+    batch_interval: float = 0.2
+    receive_timeout: float = 60.0
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    job: str = "live"
+    stop_at_seq: int | None = None
+
+
+def build_indexers(database_url: str, settings: RunSettings) -> list[StreamIndexer]:
+    """Create the indexers for the relay and each labeler; nothing connects yet."""
+    indexers = []
+    if settings.relay:
+        indexers.append(_indexer(database_url, settings, settings.relay, REPOS_METHOD, frames.decode_repo_frame))
+    for labeler in settings.labelers:
+        indexers.append(_indexer(database_url, settings, labeler, LABELS_METHOD, frames.decode_label_frame))
+    return indexers
+
+
+def _indexer(database_url: str, settings: RunSettings, base: str, method: str, decode) -> StreamIndexer:
+    endpoint = endpoint_url(base, method)
+    store = Store(database_url, endpoint, job=settings.job)
+
+    def client_factory(cursor_source):
+        return StreamClient(endpoint, method, cursor_source, receive_timeout=settings.receive_timeout,
+                            max_message_size=settings.max_message_size)
+
+    return StreamIndexer(store, client_factory, decode=decode, filters=settings.filters,
+                         batch_size=settings.batch_size, batch_interval=settings.batch_interval,
+                         stop_at_seq=settings.stop_at_seq)
+
+
+async def run_streams(indexers: list[StreamIndexer]) -> None:
+    """Run the indexers until a signal or a failure; commit what was received before returning."""
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    signals_seen = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            log.info("signal received: committing and stopping (send it again to exit at once)",
+                     extra={"reason": signal.Signals(signum).name})
+            for indexer in indexers:
+                indexer.stop()
+        else:
+            log.warning("second signal: exiting without committing the open batches",
+                        extra={"reason": signal.Signals(signum).name})
+            for indexer in indexers:
+                indexer.abandon = True
+            main_task.cancel()
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        async with asyncio.TaskGroup() as group:
+            for indexer in indexers:
+                group.create_task(_run_and_stop_others(indexer, indexers))
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
+        for indexer in indexers:
+            indexer.store.close()
+
+
+async def _run_and_stop_others(indexer: StreamIndexer, indexers: list[StreamIndexer]) -> None:
+    try:
+        await indexer.run()
+    except BaseException:
+        for other in indexers:
+            if other is not indexer and not other.stopping:
+                other.stop()
+        raise
+

@@ -1,0 +1,481 @@
+"""Writing decoded events into PostgreSQL: one transaction per batch, cursor included.
+
+A ``Batch`` collects the rows of consecutive events of one stream. ``Store.write`` applies it in a
+single transaction together with the stream's cursor, so after any crash the database holds exactly
+the events up to the stored cursor. Applying the same batch twice changes nothing:
+
+- record rows are gated on ``rev``: a create or update whose rev is not newer than the stored
+  row's, or not newer than a stored deletion of the same record (the tombstone), changes nothing;
+- deletions keep the newest delete rev per record and remove typed rows older than it;
+- history rows (identity, account, sync events, labels) are keyed by stream position or content
+  and inserted with ``ON CONFLICT DO NOTHING``; dead letters are keyed by a digest of the input.
+
+Rows are loaded with ``COPY`` into temporary staging tables, then merged into the real tables with
+one ``INSERT … SELECT … ON CONFLICT`` per table. When the database rejects a value in a batch (bad
+input that decoding let through), the batch is split in halves until the one offending event is
+found; that event is dead-lettered with reason ``store_failed`` and the rest are written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+from sqlalchemy import Table
+
+from indexer import records, schema
+from indexer.errors import DatabaseUnavailable, IndexerError
+from indexer.events import Account, Commit, DropReason, Identity, Invalid, Labels, OpError, Sync
+
+log = logging.getLogger(__name__)
+
+JSONB_COLUMNS = {"record", "facets", "embed"}
+
+
+@dataclass(slots=True)
+class ActorUpdate:
+    """What the events of one batch say about one account; None means nothing said."""
+
+    handle: str | None = None
+    identity_seq: int | None = None
+    active: bool | None = None
+    status: str | None = None
+    account_seq: int | None = None
+    rev: str | None = None
+    last_seq: int | None = None
+    last_time: datetime | None = None
+    desynchronized_at: datetime | None = None
+
+
+@dataclass(slots=True)
+class Gap:
+    """A range of a stream the server no longer had when we asked (``OutdatedCursor``)."""
+
+    from_seq: int | None
+    to_seq: int | None
+    reason: str
+    message: str | None
+
+
+@dataclass
+class Batch:
+    """Rows for consecutive events of one stream, reduced so that each key appears once.
+
+    ``events`` keeps the events in arrival order, so a batch the database rejects can be split.
+    ``cursor`` is the seq of the last event added: once the batch commits, every event at or
+    below it is in the database (written, or dead-lettered).
+    """
+
+    endpoint: str
+    events: list[Any] = field(default_factory=list)
+    cursor: int | None = None
+    cursor_time: datetime | None = None
+    records: dict[str, dict[tuple, dict[str, Any]]] = field(default_factory=dict)
+    deletions: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
+    actors: dict[str, ActorUpdate] = field(default_factory=dict)
+    history: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    dead_letters: list[dict[str, Any]] = field(default_factory=list)
+    gaps: list[Gap] = field(default_factory=list)
+    nul_stripped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def is_empty(self) -> bool:
+        """True when committing would change nothing: no events, no dead letters, no cursor move."""
+        return not self.events and not self.dead_letters and self.cursor is None
+
+    def add(self, event: Any) -> None:
+        """Add one decoded event (or an ``Invalid`` frame, or a ``Gap``) in stream order."""
+        self.events.append(event)
+        if isinstance(event, Gap):
+            self.gaps.append(event)
+            return
+        seq = getattr(event, "seq", None)
+        time = records.parse_datetime(getattr(event, "time", None))
+        if isinstance(event, Commit):
+            self._add_commit(event, time)
+        elif isinstance(event, Identity):
+            self._add_history("identity_events", event, time, handle=event.handle)
+            actor = self._actor(event.did)
+            actor.identity_seq = event.seq
+            if event.handle is not None:  # an event without a handle keeps the known one
+                actor.handle = event.handle
+        elif isinstance(event, Account):
+            self._add_history("account_events", event, time, active=event.active, status=event.status)
+            actor = self._actor(event.did)
+            actor.active, actor.status, actor.account_seq = event.active, event.status, event.seq
+        elif isinstance(event, Sync):
+            self._add_sync(event, time)
+        elif isinstance(event, Invalid):
+            self.add_dead_letter(event.reason, event.error, event.raw, seq=event.seq, did=event.did, t=event.t)
+        elif isinstance(event, Labels):
+            self._add_labels(event)
+        if seq is not None:
+            self.cursor = seq
+            self.cursor_time = time
+            if isinstance(event, (Commit, Identity, Account, Sync)):
+                self._touch_actor(event.did, seq, time)
+
+    def add_dead_letter(self, reason: DropReason, error: str, raw: bytes | None, *, seq: int | None = None,
+                        did: str | None = None, t: str | None = None, path: str | None = None) -> None:
+        """Record an input that cannot be indexed; the same input on replay maps to the same digest."""
+        # Without raw bytes the error text (which names the position) tells failures apart.
+        identity = raw if raw else error.encode()
+        digest = hashlib.sha256(f"{seq}|{did}|{path}|{reason}|".encode() + identity).digest()
+        self.dead_letters.append({
+            "endpoint": self.endpoint, "seq": seq, "did": did, "t": t, "path": path,
+            "reason": str(reason), "error": error, "raw": raw, "digest": digest,
+        })
+
+    def _actor(self, did: str) -> ActorUpdate:
+        actor = self.actors.get(did)
+        if actor is None:
+            actor = self.actors[did] = ActorUpdate()
+        return actor
+
+    def _touch_actor(self, did: str, seq: int, time: datetime | None) -> None:
+        actor = self._actor(did)
+        if actor.last_seq is None or seq > actor.last_seq:
+            actor.last_seq, actor.last_time = seq, time
+
+    def _add_history(self, table: str, event, time: datetime | None, **columns) -> None:
+        row = {"endpoint": self.endpoint, "seq": event.seq, "did": event.did, "time_raw": event.time, "time": time}
+        row.update(columns)
+        self.history.setdefault(table, []).append(row)
+
+    def _add_sync(self, event: Sync, time: datetime | None) -> None:
+        self._add_history("sync_events", event, time, rev=event.rev, commit_cid=None)
+        actor = self._actor(event.did)
+        actor.desynchronized_at = time or datetime.now().astimezone()
+        actor.rev = _newer(actor.rev, event.rev)
+
+    def _add_commit(self, commit: Commit, time: datetime | None) -> None:
+        actor = self._actor(commit.did)
+        actor.rev = _newer(actor.rev, commit.rev)
+        for op in commit.ops:
+            if op.error is not None:
+                self._add_op_error(commit, op.path, op.error, op.record_bytes)
+            elif op.action == "delete":
+                self._add_deletion(commit, op.collection, op.rkey, time)
+            elif op.record is not None and op.cid is not None:
+                self._add_record(commit, op.collection, op.rkey, op.cid, op.record)
+
+    def _add_op_error(self, commit: Commit, path: str, error: OpError, raw: bytes | None) -> None:
+        self.add_dead_letter(error.reason, error.message, raw, seq=commit.seq, did=commit.did, t="#commit", path=path)
+
+    def _add_deletion(self, commit: Commit, collection: str, rkey: str, time: datetime | None) -> None:
+        key = (commit.did, collection, rkey)
+        existing = self.deletions.get(key)
+        if existing is None or commit.rev > existing["rev"]:
+            self.deletions[key] = {"did": commit.did, "collection": collection, "rkey": rkey,
+                                   "rev": commit.rev, "seq": commit.seq, "time": time}
+
+    def _add_record(self, commit: Commit, collection: str, rkey: str, cid: str, record: dict) -> None:
+        row = records.row_for_record(collection, commit.did, rkey, cid, commit.rev, commit.seq, record)
+        if row.nul_stripped:
+            self.nul_stripped += 1
+        by_key = self.records.setdefault(row.table.name, {})
+        key = (commit.did, collection, rkey)
+        existing = by_key.get(key)
+        if existing is None or commit.rev > existing["rev"]:
+            by_key[key] = row.values
+
+    def _add_labels(self, event: Labels) -> None:
+        from indexer import labels as label_rows  # the label stream's own mapping
+
+        for label in event.labels:
+            self.history.setdefault("labels", []).append(label_rows.row_for_label(self.endpoint, event.seq, label))
+
+
+def _newer(current: str | None, candidate: str | None) -> str | None:
+    if current is None:
+        return candidate
+    if candidate is None:
+        return current
+    return max(current, candidate)
+
+
+class StoreError(IndexerError):
+    """A write failed because of our own code or schema (a bug): the process must stop."""
+
+
+# Errors caused by the values of one input (an invalid byte sequence, a value out of range, an index
+# row that is too large). Splitting the batch finds the input and dead-letters it.
+DATA_ERRORS = (psycopg.errors.DataError, psycopg.errors.ProgramLimitExceeded)
+# Errors that say the database is unreachable or going away; the caller retries with backoff.
+CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
+
+
+class Store:
+    """Writes batches of one stream endpoint and job, and reads its cursor.
+
+    Holds one psycopg connection. ``write`` is all-or-nothing per batch. A connection failure raises
+    ``DatabaseUnavailable`` with nothing committed; call ``write`` again with the same batch after
+    reconnecting. An error in our own SQL or schema raises ``StoreError``.
+    """
+
+    def __init__(self, url: str, endpoint: str, job: str = "live") -> None:
+        self.url = url.replace("postgresql+psycopg://", "postgresql://", 1)
+        self.endpoint = endpoint
+        self.job = job
+        self.connection: psycopg.Connection | None = None
+        self.rows_written = 0
+        self.dead_letters_written = 0
+
+    def connect(self) -> None:
+        if self.connection is not None and not self.connection.closed:
+            return
+        try:
+            self.connection = psycopg.connect(self.url, autocommit=False)
+        except CONNECTION_ERRORS as error:
+            raise DatabaseUnavailable(f"cannot connect to the database: {error}".strip()) from error
+        _create_staging_tables(self.connection)
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+    def read_cursor(self) -> int | None:
+        """Return the committed cursor of this endpoint and job, or None when there is none yet."""
+        self.connect()
+        try:
+            with self.connection.cursor() as cursor:
+                cursor.execute("SELECT seq FROM cursors WHERE endpoint = %s AND job = %s", (self.endpoint, self.job))
+                found = cursor.fetchone()
+            self.connection.commit()
+        except CONNECTION_ERRORS as error:
+            self._drop_connection()
+            raise DatabaseUnavailable(f"reading the cursor failed: {error}") from error
+        return found[0] if found else None
+
+    def write(self, batch: Batch) -> None:
+        """Apply ``batch`` and move the cursor in one transaction; split it when a value is rejected."""
+        if batch.is_empty():
+            return
+        self.connect()
+        try:
+            self._write_once(batch)
+        except DATA_ERRORS as error:
+            self.connection.rollback()
+            self._write_split(batch, error)
+
+    def _write_split(self, batch: Batch, error: Exception) -> None:
+        if len(batch.events) <= 1:
+            self._write_rejected(batch, error)
+            return
+        middle = len(batch.events) // 2
+        first, second = rebuild(batch.endpoint, batch.events[:middle]), rebuild(batch.endpoint, batch.events[middle:])
+        # The cursor may have moved past skipped events after the last event with rows.
+        second.cursor, second.cursor_time = batch.cursor, batch.cursor_time
+        self.write(first)
+        self.write(second)
+
+    def _write_rejected(self, batch: Batch, error: Exception) -> None:
+        if not batch.events:
+            raise StoreError(f"the database rejected a batch with no events for {self.endpoint}: {error}") from error
+        event = batch.events[0]
+        log.warning("event rejected by the database, dead-lettered", extra={
+            "stream": self.endpoint, "seq": getattr(event, "seq", None), "did": getattr(event, "did", None),
+            "reason": str(DropReason.STORE_FAILED), "error": str(error).splitlines()[0]})
+        replacement = Batch(endpoint=batch.endpoint)
+        replacement.add_dead_letter(DropReason.STORE_FAILED, str(error), _raw_of(event),
+                                    seq=getattr(event, "seq", None), did=getattr(event, "did", None))
+        replacement.cursor = batch.cursor
+        replacement.cursor_time = batch.cursor_time
+        replacement.events.append(event)
+        self._write_once(replacement)
+
+    def _write_once(self, batch: Batch) -> None:
+        try:
+            with self.connection.transaction():
+                with self.connection.cursor() as cursor:
+                    self._apply(cursor, batch)
+        except DATA_ERRORS:
+            raise
+        except CONNECTION_ERRORS as error:
+            self._drop_connection()
+            raise DatabaseUnavailable(f"writing a batch failed: {error}".strip()) from error
+        except psycopg.Error as error:
+            raise StoreError(
+                f"writing a batch of {len(batch)} events for {self.endpoint} failed: {error}. "
+                "This is a bug in indexer or a schema that does not match it; run `indexer db upgrade`."
+            ) from error
+        self.rows_written += sum(len(rows) for rows in batch.records.values())
+        self.dead_letters_written += len(batch.dead_letters)
+
+    def _apply(self, cursor: psycopg.Cursor, batch: Batch) -> None:
+        _apply_deletions(cursor, batch.deletions.values())
+        for table_name, rows in batch.records.items():
+            _apply_records(cursor, schema.metadata.tables[table_name], rows.values())
+        _apply_actors(cursor, batch.actors)
+        for table_name, rows in batch.history.items():
+            _insert_ignoring_duplicates(cursor, schema.metadata.tables[table_name], rows)
+        _insert_ignoring_duplicates(cursor, schema.dead_letters, batch.dead_letters)
+        for gap in batch.gaps:
+            cursor.execute(
+                "INSERT INTO gaps (endpoint, from_seq, to_seq, reason, message) VALUES (%s, %s, %s, %s, %s)",
+                (batch.endpoint, gap.from_seq, gap.to_seq, gap.reason, gap.message))
+        if batch.cursor is not None:
+            cursor.execute(
+                "INSERT INTO cursors (endpoint, job, seq, last_event_time, updated_at) VALUES (%s, %s, %s, %s, now()) "
+                "ON CONFLICT (endpoint, job) DO UPDATE SET seq = EXCLUDED.seq, "
+                "last_event_time = EXCLUDED.last_event_time, updated_at = now()",
+                (self.endpoint, self.job, batch.cursor, batch.cursor_time))
+
+    def _drop_connection(self) -> None:
+        if self.connection is not None:
+            try:
+                self.connection.close()
+            except psycopg.Error:
+                pass
+            self.connection = None
+
+
+def rebuild(endpoint: str, events: Iterable[Any]) -> Batch:
+    """Return a new batch of ``events``, in order."""
+    batch = Batch(endpoint=endpoint)
+    for event in events:
+        batch.add(event)
+    return batch
+
+
+def _raw_of(event: Any) -> bytes | None:
+    raw = getattr(event, "raw", None) or getattr(event, "blocks", None)
+    return raw if isinstance(raw, bytes) else None
+
+
+# --- SQL ---------------------------------------------------------------------------------------
+
+def _written_columns(table: Table) -> list[str]:
+    """Columns the writer supplies: all but generated ones and those with a server default."""
+    return [c.name for c in table.columns if c.computed is None and c.server_default is None
+            and not (c.primary_key and c.identity is not None)]
+
+
+def _staging_name(table: Table) -> str:
+    return f"staging_{table.name}"
+
+
+def _create_staging_tables(connection: psycopg.Connection) -> None:
+    """Create this session's temporary staging tables (emptied at every commit)."""
+    with connection.cursor() as cursor:
+        for table in [*schema.RECORD_TABLES.values(), schema.records, schema.deletions]:
+            columns = ", ".join(f'"{name}"' for name in _written_columns(table))
+            cursor.execute(
+                f"CREATE TEMP TABLE IF NOT EXISTS {_staging_name(table)} ON COMMIT DELETE ROWS AS "
+                f"SELECT {columns} FROM {table.name} WITH NO DATA")
+    connection.commit()
+
+
+def _copy_rows(cursor: psycopg.Cursor, staging: str, columns: Sequence[str], rows: Iterable[dict]) -> None:
+    names = ", ".join(f'"{name}"' for name in columns)
+    jsonb = [name in JSONB_COLUMNS for name in columns]
+    with cursor.copy(f"COPY {staging} ({names}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row([Jsonb(row[name]) if is_json and row[name] is not None else row[name]
+                            for name, is_json in zip(columns, jsonb)])
+
+
+def _record_key(table: Table) -> list[str]:
+    return [c.name for c in table.primary_key.columns]
+
+
+def _apply_records(cursor: psycopg.Cursor, table: Table, rows: Iterable[dict]) -> None:
+    """Upsert record rows unless a stored row or tombstone has the same or a newer rev."""
+    columns = _written_columns(table)
+    _copy_rows(cursor, _staging_name(table), columns, rows)
+    names = ", ".join(f'"{name}"' for name in columns)
+    key = _record_key(table)
+    collection = "s.collection" if table is schema.records else f"'{_collection_of(table)}'"
+    updates = ", ".join(f'"{name}" = EXCLUDED."{name}"' for name in columns if name not in key)
+    cursor.execute(
+        f"INSERT INTO {table.name} ({names}) "
+        f"SELECT {', '.join(f's.{name}' for name in columns)} FROM {_staging_name(table)} s "
+        f"WHERE NOT EXISTS (SELECT 1 FROM deletions d WHERE d.did = s.did AND d.collection = {collection} "
+        f"AND d.rkey = s.rkey AND d.rev >= s.rev) "
+        f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {updates}, indexed_at = now() "
+        f"WHERE {table.name}.rev < EXCLUDED.rev")
+
+
+def _collection_of(table: Table) -> str:
+    for collection, typed in schema.RECORD_TABLES.items():
+        if typed is table:
+            return collection
+    raise StoreError(f"table {table.name} has no collection")
+
+
+def _apply_deletions(cursor: psycopg.Cursor, rows: Iterable[dict]) -> None:
+    """Keep the newest delete rev per record, and remove stored versions older than it."""
+    rows = list(rows)
+    if not rows:
+        return
+    columns = _written_columns(schema.deletions)
+    _copy_rows(cursor, "staging_deletions", columns, rows)
+    cursor.execute(
+        "INSERT INTO deletions (did, collection, rkey, rev, seq, time) "
+        "SELECT did, collection, rkey, rev, seq, time FROM staging_deletions "
+        "ON CONFLICT (did, collection, rkey) DO UPDATE SET rev = EXCLUDED.rev, seq = EXCLUDED.seq, "
+        "time = EXCLUDED.time, indexed_at = now() WHERE deletions.rev < EXCLUDED.rev")
+    for collection, table in schema.RECORD_TABLES.items():
+        cursor.execute(
+            f"DELETE FROM {table.name} t USING staging_deletions s WHERE s.collection = %s "
+            f"AND t.did = s.did AND t.rkey = s.rkey AND t.rev < s.rev", (collection,))
+    cursor.execute(
+        "DELETE FROM records t USING staging_deletions s WHERE t.did = s.did "
+        "AND t.collection = s.collection AND t.rkey = s.rkey AND t.rev < s.rev")
+
+
+ACTOR_UPSERT = """
+INSERT INTO actors (did, handle, identity_seq, active, status, account_seq, rev, last_seq, last_time,
+                    desynchronized_at)
+VALUES (%(did)s, %(handle)s, %(identity_seq)s, %(active)s, %(status)s, %(account_seq)s, %(rev)s,
+        %(last_seq)s, %(last_time)s, %(desynchronized_at)s)
+ON CONFLICT (did) DO UPDATE SET
+    handle = CASE WHEN EXCLUDED.identity_seq > COALESCE(actors.identity_seq, -1)
+                  THEN COALESCE(EXCLUDED.handle, actors.handle) ELSE actors.handle END,
+    identity_seq = GREATEST(actors.identity_seq, EXCLUDED.identity_seq),
+    active = CASE WHEN EXCLUDED.account_seq > COALESCE(actors.account_seq, -1)
+                  THEN EXCLUDED.active ELSE actors.active END,
+    status = CASE WHEN EXCLUDED.account_seq > COALESCE(actors.account_seq, -1)
+                  THEN EXCLUDED.status ELSE actors.status END,
+    account_seq = GREATEST(actors.account_seq, EXCLUDED.account_seq),
+    rev = GREATEST(actors.rev, EXCLUDED.rev),
+    last_time = CASE WHEN EXCLUDED.last_seq > COALESCE(actors.last_seq, -1)
+                     THEN EXCLUDED.last_time ELSE actors.last_time END,
+    last_seq = GREATEST(actors.last_seq, EXCLUDED.last_seq),
+    desynchronized_at = COALESCE(EXCLUDED.desynchronized_at, actors.desynchronized_at),
+    updated_at = now()
+"""
+
+
+def _apply_actors(cursor: psycopg.Cursor, actors: dict[str, ActorUpdate]) -> None:
+    """Merge what the batch says about each account, never letting an older event win."""
+    if not actors:
+        return
+    params = []
+    for did in sorted(actors):  # a fixed order avoids deadlocks between concurrent writers
+        update = actors[did]
+        params.append({"did": did, "handle": update.handle, "identity_seq": update.identity_seq,
+                       "active": update.active, "status": update.status, "account_seq": update.account_seq,
+                       "rev": update.rev, "last_seq": update.last_seq, "last_time": update.last_time,
+                       "desynchronized_at": update.desynchronized_at})
+    cursor.executemany(ACTOR_UPSERT, params)
+
+
+def _insert_ignoring_duplicates(cursor: psycopg.Cursor, table: Table, rows: list[dict]) -> None:
+    if not rows:
+        return
+    columns = list(rows[0])
+    names = ", ".join(f'"{name}"' for name in columns)
+    placeholders = ", ".join(f"%({name})s" for name in columns)
+    cursor.executemany(
+        f"INSERT INTO {table.name} ({names}) VALUES ({placeholders}) ON CONFLICT DO NOTHING",
+        [{name: Jsonb(value) if isinstance(value, dict) else value for name, value in row.items()} for row in rows])
