@@ -79,7 +79,7 @@ def common_prefix_length(left: bytes, right: bytes) -> int:
     """Return the number of leading bytes that ``left`` and ``right`` share."""
     limit = min(len(left), len(right))
     # The XOR of the two big-endian prefixes has one leading zero byte per shared byte. This runs
-    # in C, where a Python loop over the bytes was the main cost of loading nodes.
+    # in C. A Python loop over the bytes would be the main cost of loading nodes.
     difference = int.from_bytes(left[:limit], "big") ^ int.from_bytes(right[:limit], "big")
     return limit - (difference.bit_length() + 7) // 8
 
