@@ -5,8 +5,9 @@ atproto's JSON convention writes a CID link as ``{"$link": "<cid string>"}`` and
 is its binary CID without the leading 0x00), so the two have to be told apart here:
 
 - Without the source block, a ``bytes`` value that is exactly one binary CID is taken as a link.
-  libipld's own encoder applies the same rule, so ``libipld.encode_dag_cbor(from_json(...))`` gives
-  back the original block for every block whose byte strings do not happen to be CIDs.
+  libipld's encoder writes such bytes as a link too, so ``libipld.encode_dag_cbor(from_json(...))``
+  gives back the original block for every canonically encoded block whose byte strings do not
+  happen to be CIDs.
 - With the source block (``to_json(value, block=...)``) the result is exact: the block's CBOR tags
   decide. A link's CID bytes are always preceded by the 0x00 prefix inside tag 42, and a byte
   string's content by the last byte of its length header, which is not 0x00 for lengths that are
