@@ -58,8 +58,9 @@ class RecordOp:
     """One repo operation of a commit.
 
     ``record`` is the decoded record (libipld values: CID links and byte strings are ``bytes``) for
-    create and update, None for delete. When the record block is missing or undecodable, ``record``
-    is None and ``error`` says why; the other ops of the same commit are unaffected.
+    create and update, None for delete. ``error`` says why the op cannot be indexed; ``record`` is
+    None when the block is missing or undecodable, but is kept for an op with an invalid path.
+    The other ops of the same commit are unaffected.
     """
 
     action: str  # "create", "update" or "delete"
