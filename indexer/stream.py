@@ -30,7 +30,7 @@ from indexer.errors import ConfigError, StreamError
 
 logger = logging.getLogger("indexer.stream")
 
-# The atproto event stream spec caps a frame at 5 MB; the default leaves headroom above that, so a
+# The atproto event stream spec caps a frame at 5 MB. The default leaves headroom above that, so a
 # slightly oversized frame still arrives whole and the decoder can dead-letter it with its seq.
 DEFAULT_MAX_MESSAGE_SIZE = 8 * 1024 * 1024
 
@@ -158,7 +158,7 @@ class StreamCounters:
     server_closes: int = 0  # connections the server closed, including after an error frame
     transport_errors: int = 0  # connections lost to a protocol or socket error
     binary_messages: int = 0  # frames yielded to the consumer
-    text_messages: int = 0  # text messages, which XRPC streams never send; ignored
+    text_messages: int = 0  # text messages, which XRPC streams never send, ignored
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,13 +209,15 @@ class StreamClient:
         close_timeout: float = 5.0,
         session: aiohttp.ClientSession | None = None,
     ) -> None:
-        """Configure the client; nothing connects until ``frames()`` is iterated.
+        """Configure the client. Nothing connects until ``frames()`` is iterated.
 
         ``receive_timeout`` (seconds, None disables it) is how long the socket may stay silent
         before the connection is recycled. Server pings count as traffic, but a quiet stream that
-        sends no pings (a small labeler's, say) needs a larger value. ``healthy_after`` (seconds) is how long a
-        connection must stay open, unless it delivered a message, for the backoff to reset.
-        ``session`` is borrowed and left open; without it the client creates and closes its own.
+        sends no pings (a small labeler's, say) needs a larger value.
+
+        ``healthy_after`` (seconds) is how long a connection must stay open, unless it delivered a
+        message, for the backoff to reset. ``session`` is borrowed and left open. Without it the
+        client creates and closes its own.
         """
         if max_message_size <= 0:
             raise ConfigError(f"max message size must be a positive number of bytes, got {max_message_size!r}")
