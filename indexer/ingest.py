@@ -37,6 +37,7 @@ from indexer.events import (
     Skipped,
     SkipReason,
 )
+from indexer.labels import subject_did
 from indexer.store import Batch, Gap, Store
 from indexer.stream import Backoff, OversizedMessage, StreamClient
 
@@ -49,6 +50,9 @@ LABELS_METHOD = "com.atproto.label.subscribeLabels"
 @dataclass
 class Filters:
     """Which repos and collections to index; empty means everything.
+
+    On a label stream ``dids`` keeps the labels whose subject (the DID, or the repo of an AT-URI)
+    is listed; ``collections`` does not apply there.
 
     ``collections`` holds NSIDs or prefixes ending in ``.*`` (``app.bsky.feed.*``). Events and ops
     that do not match are counted as filtered, and the cursor still moves past them.
@@ -248,15 +252,23 @@ class StreamIndexer:
             self.reached_stop_seq = True
             self.stopping = True
             return
-        if not self.filters.wants_did(getattr(event, "did", None)):
+        if isinstance(event, Labels):
+            # A #labels frame has no did of its own, so the DID filter applies to each label's subject.
+            self._filter_labels(event)
+        elif not self.filters.wants_did(getattr(event, "did", None)):
             self.counters.skipped[SkipReason.FILTERED] += 1
             self._advance_past(event)
             return
         if isinstance(event, Commit):
             self._filter_ops(event)
-        elif isinstance(event, Labels):
-            self.counters.ops[("label", "create")] += len(event.labels)
         self._add(event)
+
+    def _filter_labels(self, event: Labels) -> None:
+        """Keep the labels whose subject account passes the DID filter; an emptied frame still moves the cursor."""
+        kept = [label for label in event.labels if self.filters.wants_did(subject_did(label.uri))]
+        self.counters.skipped[SkipReason.FILTERED] += len(event.labels) - len(kept)
+        self.counters.ops[("label", "create")] += len(kept)
+        event.labels = kept
 
     def _filter_ops(self, commit: Commit) -> None:
         kept = []
