@@ -269,6 +269,7 @@ cursors = Table(
            comment="'live' for indexer run; a backfill job's name for its own replay position."),
     Column("seq", BigInteger, comment="Highest sequence number whose event and every earlier one are committed."),
     Column("target_seq", BigInteger, comment="For a backfill job, the sequence number at which it stops."),
+    Column("start_seq", BigInteger, comment="For a backfill job, the sequence number it started from (its --cursor)."),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now(),
            comment="When the cursor last moved."),
     Column("last_event_time", DateTime(timezone=True), comment="Event time of the event at seq, when it had one."),
@@ -287,6 +288,63 @@ gaps = Table(
     Column("message", Text, comment="The server's message, if any."),
     Column("detected_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     comment="Ranges of a stream that were lost because the server no longer retained them.",
+)
+
+# States of a repo in a backfill job. The last four are final answers from the PDS: the repo is not
+# fetched again by the same job.
+REPO_STATES = ("pending", "in_progress", "done", "failed", "deactivated", "takendown", "suspended", "not_found")
+
+backfill_repos = Table(
+    "backfill_repos",
+    metadata,
+    Column("job", ID, nullable=False,
+           comment="Backfill job name: 'repos' (--repo, --repos-file), 'all' (--all), 'resync' (--desynchronized), or --job."),
+    Column("did", ID, nullable=False, comment="DID of the repository."),
+    Column("state", ID, nullable=False, server_default="pending",
+           comment="pending, in_progress, done, failed (retried by the next run), or a final state: deactivated, takendown, suspended, not_found."),
+    Column("rev", ID, comment="Revision of the repo export that was indexed, once done."),
+    Column("records", BigInteger, comment="Number of records in that export."),
+    Column("deleted", BigInteger, comment="Records indexed earlier but absent from that export, recorded as deletions."),
+    Column("error", Text, comment="Why the last attempt failed, or the PDS's error name and message for a final state."),
+    Column("attempts", Integer, nullable=False, server_default="0", comment="Fetch attempts so far, over all runs."),
+    Column("pds_endpoint", ID, comment="PDS the repo was fetched from, as resolved from the DID document."),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now(),
+           comment="When the repo was added to the job."),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now(),
+           comment="When the state last changed."),
+    PrimaryKeyConstraint("job", "did"),
+    CheckConstraint(f"state IN ({', '.join(repr(state) for state in REPO_STATES)})", name="state"),
+    Index(None, "job", "state"),
+    comment="Per-repo progress of repo backfill jobs (getRepo), so a job resumes where it stopped.",
+)
+
+backfill_listings = Table(
+    "backfill_listings",
+    metadata,
+    Column("endpoint", ID, nullable=False, comment="listRepos URL of the relay being enumerated."),
+    Column("job", ID, nullable=False, comment="Backfill job the listed repos were added to."),
+    Column("cursor", Text, comment="listRepos cursor to continue from; NULL before the first page."),
+    Column("repos", BigInteger, nullable=False, server_default="0", comment="Repos listed so far."),
+    Column("completed_at", DateTime(timezone=True), comment="When the last page was read; NULL while unfinished."),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now(),
+           comment="When the cursor last moved."),
+    PrimaryKeyConstraint("endpoint", "job"),
+    comment="Position of a paged listRepos enumeration (backfill --all), so an interrupted one resumes.",
+)
+
+did_documents = Table(
+    "did_documents",
+    metadata,
+    Column("did", ID, primary_key=True, comment="DID (did:plc or did:web)."),
+    Column("document", JSONB, comment="The last DID document resolved successfully; NULL if none ever was."),
+    Column("pds_endpoint", ID, comment="serviceEndpoint of the #atproto_pds service in that document."),
+    Column("handle", ID, comment="First at:// handle in alsoKnownAs (not verified against the handle's DNS or well-known)."),
+    Column("signing_key", Text, comment="publicKeyMultibase of the #atproto verification method."),
+    Column("resolved_at", DateTime(timezone=True), comment="When document was fetched."),
+    Column("checked_at", DateTime(timezone=True), nullable=False, server_default=func.now(),
+           comment="When resolution was last attempted; with the cache TTL it decides when to resolve again."),
+    Column("error", Text, comment="Why the last attempt failed; NULL when it succeeded."),
+    comment="Cache of resolved DID documents (PLC directory or did:web), with their PDS endpoint and handle.",
 )
 
 DROP_REASONS = tuple(reason.value for reason in DropReason)
