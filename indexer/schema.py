@@ -290,8 +290,8 @@ gaps = Table(
     comment="Ranges of a stream that were lost because the server no longer retained them.",
 )
 
-# States of a repo in a backfill job. The last four are final answers from the PDS: the repo is not
-# fetched again by the same job.
+# States of a repo in a backfill job. The last four are final errors returned by the PDS, so the same
+# job does not fetch the repo again.
 REPO_STATES = ("pending", "in_progress", "done", "failed", "deactivated", "takendown", "suspended", "not_found")
 
 backfill_repos = Table(
