@@ -7,14 +7,18 @@ the labels in force from this table.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
-from indexer.events import Label
+import libipld
+
+from indexer.events import Label, Labels
 from indexer.records import parse_datetime
 
 # Label timestamps are set by the labeler, not by users, but a labeler's clock or code can be wrong;
 # a far-future cts must still be stored, so the plausibility window is wide.
 FAR_FUTURE_DAYS = 365 * 100
+_FAR_FUTURE = timedelta(days=FAR_FUTURE_DAYS)
 
 
 def subject_did(uri: str) -> str | None:
@@ -28,10 +32,10 @@ def subject_did(uri: str) -> str | None:
 
 
 def row_for_label(endpoint: str, seq: int, label: Label) -> dict[str, Any]:
-    """Return the ``labels`` row for one received label (without the database defaults)."""
-    from datetime import timedelta
+    """Return the ``labels`` row for one received label (without the database defaults).
 
-    wide = timedelta(days=FAR_FUTURE_DAYS)
+    U+0000, which PostgreSQL text rejects, is removed from every text field.
+    """
     return {
         "endpoint": endpoint,
         "seq": seq,
@@ -39,15 +43,34 @@ def row_for_label(endpoint: str, seq: int, label: Label) -> dict[str, Any]:
         "src": _without_nul(label.src),
         "uri": _without_nul(label.uri),
         "subject_did": subject_did(label.uri),
-        "cid": label.cid,
+        "cid": _without_nul(label.cid) if label.cid is not None else None,
         "val": _without_nul(label.val),
         "neg": label.neg,
         "cts_raw": _without_nul(label.cts),
-        "cts": parse_datetime(label.cts, max_ahead=wide),
+        "cts": parse_datetime(label.cts, max_ahead=_FAR_FUTURE),
         "exp_raw": _without_nul(label.exp) if label.exp is not None else None,
-        "exp": parse_datetime(label.exp, max_ahead=wide) if label.exp is not None else None,
+        "exp": parse_datetime(label.exp, max_ahead=_FAR_FUTURE) if label.exp is not None else None,
         "sig": label.sig,
     }
+
+
+def encode_labels_frame(event: Labels) -> bytes:
+    """Encode ``event`` again as a ``#labels`` frame, for the dead letter of a frame the database rejected.
+
+    The decoded event keeps no raw bytes, so the frame is rebuilt from its fields. It decodes to the
+    same labels, but it need not match the received bytes: a ``neg: false`` that was sent is left
+    out, as an absent ``neg`` is.
+    """
+    labels = []
+    for label in event.labels:
+        fields: dict[str, Any] = {"src": label.src, "uri": label.uri, "val": label.val, "cts": label.cts}
+        optional = {"ver": label.ver, "cid": label.cid, "exp": label.exp, "sig": label.sig}
+        fields.update({name: value for name, value in optional.items() if value is not None})
+        if label.neg:
+            fields["neg"] = True
+        labels.append(fields)
+    header = libipld.encode_dag_cbor({"t": "#labels", "op": 1})
+    return header + libipld.encode_dag_cbor({"seq": event.seq, "labels": labels})
 
 
 def _without_nul(text: str) -> str:

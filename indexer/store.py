@@ -32,6 +32,7 @@ from sqlalchemy import Table
 from indexer import records, schema
 from indexer.errors import DatabaseUnavailable, IndexerError
 from indexer.events import Account, Commit, DropReason, Identity, Invalid, Labels, OpError, Sync
+from indexer.labels import encode_labels_frame
 
 log = logging.getLogger(__name__)
 
@@ -348,6 +349,9 @@ def rebuild(endpoint: str, events: Iterable[Any]) -> Batch:
 
 
 def _raw_of(event: Any) -> bytes | None:
+    if isinstance(event, Labels):
+        # A Labels event keeps no raw frame, so without this the dead letter would lose its labels.
+        return encode_labels_frame(event)
     raw = getattr(event, "raw", None) or getattr(event, "blocks", None)
     return raw if isinstance(raw, bytes) else None
 
