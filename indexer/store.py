@@ -6,7 +6,9 @@ the events up to the stored cursor. Applying the same batch twice changes nothin
 
 - record rows are gated on ``rev``: a create or update whose rev is not newer than the stored
   row's, or not newer than a stored deletion of the same record (the tombstone), changes nothing;
-- deletions keep the newest delete rev per record and remove typed rows older than it;
+- a delete whose rev is not newer than the stored version of the record changes nothing (it is
+  stale, like an old create); otherwise deletions keep the newest delete rev per record and
+  remove stored versions older than it;
 - history rows (identity, account, sync events, labels) are keyed by stream position or content
   and inserted with ``ON CONFLICT DO NOTHING``; dead letters are keyed by a digest of the input.
 
@@ -173,6 +175,11 @@ class Batch:
 
     def _add_deletion(self, commit: Commit, collection: str, rkey: str, time: datetime | None) -> None:
         key = (commit.did, collection, rkey)
+        # Checked here for versions earlier in this batch and in SQL for stored ones, so a stale
+        # delete is ignored wherever the batch boundaries fall.
+        held = self.records.get(schema.RECORD_TABLES.get(collection, schema.records).name, {}).get(key)
+        if held is not None and held["rev"] >= commit.rev:
+            return
         existing = self.deletions.get(key)
         if existing is None or commit.rev > existing["rev"]:
             self.deletions[key] = {"did": commit.did, "collection": collection, "rkey": rkey,
@@ -425,7 +432,8 @@ def _apply_deletions(cursor: psycopg.Cursor, rows: Iterable[dict]) -> None:
     _copy_rows(cursor, "staging_deletions", columns, rows)
     cursor.execute(
         "INSERT INTO deletions (did, collection, rkey, rev, seq, time) "
-        "SELECT did, collection, rkey, rev, seq, time FROM staging_deletions "
+        "SELECT did, collection, rkey, rev, seq, time FROM staging_deletions s "
+        f"WHERE {_DELETE_IS_NEWER} "
         "ON CONFLICT (did, collection, rkey) DO UPDATE SET rev = EXCLUDED.rev, seq = EXCLUDED.seq, "
         "time = EXCLUDED.time, indexed_at = now() WHERE deletions.rev < EXCLUDED.rev")
     for collection, table in schema.RECORD_TABLES.items():
@@ -435,6 +443,21 @@ def _apply_deletions(cursor: psycopg.Cursor, rows: Iterable[dict]) -> None:
     cursor.execute(
         "DELETE FROM records t USING staging_deletions s WHERE t.did = s.did "
         "AND t.collection = s.collection AND t.rkey = s.rkey AND t.rev < s.rev")
+
+
+def _delete_is_newer_condition() -> str:
+    """Return the SQL condition on staging row ``s``: its rev is newer than every stored version."""
+    conditions = [
+        f"NOT EXISTS (SELECT 1 FROM {table.name} t WHERE s.collection = '{collection}' "
+        f"AND t.did = s.did AND t.rkey = s.rkey AND t.rev >= s.rev)"
+        for collection, table in schema.RECORD_TABLES.items()
+    ]
+    conditions.append("NOT EXISTS (SELECT 1 FROM records t WHERE t.did = s.did AND t.collection = s.collection "
+                      "AND t.rkey = s.rkey AND t.rev >= s.rev)")
+    return " AND ".join(conditions)
+
+
+_DELETE_IS_NEWER = _delete_is_newer_condition()
 
 
 ACTOR_UPSERT = """
