@@ -7,8 +7,10 @@ At most one batch is being written at a time, and batches commit in stream order
 
 Cursor contract: the cursor stored with a batch is the seq of its last event, and every event at or
 below it is committed. Before every reconnect the open batch is committed and the connection asks
-for that cursor, so the relay resends nothing we lack. Replayed events (seq at or below the
-committed cursor) are counted and skipped; writing them again would change nothing anyway.
+for that cursor, so the relay resends nothing we lack. Events whose seq is not above the highest
+seq already accepted (committed or in an open batch) are counted as replayed and skipped: a replay
+after reconnecting, or a duplicate or out-of-order seq. So the cursor never moves backwards, and
+which events are kept does not depend on where batches end.
 
 While the database is unreachable, the write is retried with backoff and jitter, one log line per
 state change; the cursor does not move meanwhile. A write that fails because of our own code stops
@@ -140,6 +142,7 @@ class StreamIndexer:
         self.counters = IngestCounters()
         self.warnings = RateLimitedWarnings()
         self.committed: int | None = None
+        self.accepted: int | None = None  # highest seq added to a batch, or the committed cursor
         self.batch = Batch(endpoint=self.endpoint)
         self.batch_started: float | None = None
         self.pending_gap: Gap | None = None
@@ -152,6 +155,7 @@ class StreamIndexer:
     async def run(self) -> None:
         """Index until ``stop()`` is called or ``stop_at_seq`` is reached; commit what was received."""
         self.committed = await self._with_database(self.store.read_cursor)
+        self.accepted = self.committed
         log.info("indexing stream", extra={"stream": self.endpoint, "cursor": self.committed})
         timer = asyncio.create_task(self._flush_on_interval())
         try:
@@ -236,6 +240,9 @@ class StreamIndexer:
             self.counters.skipped[event.reason] += 1
             self._advance_past(event)
         elif isinstance(event, Invalid):
+            if self._seen(event.seq):
+                self.counters.replayed += 1
+                return
             self.counters.dead_letters[event.reason] += 1
             self.warnings.warn(event.reason, "frame dead-lettered", stream=self.endpoint, seq=event.seq,
                                did=event.did, error=event.error)
@@ -245,7 +252,7 @@ class StreamIndexer:
 
     def _handle_event(self, event: Any) -> None:
         seq = event.seq
-        if self.committed is not None and seq <= self.committed:
+        if self._seen(seq):
             self.counters.replayed += 1
             return
         if self.stop_at_seq is not None and seq > self.stop_at_seq:
@@ -284,11 +291,16 @@ class StreamIndexer:
                 self.counters.skipped[SkipReason.FILTERED] += 1
         commit.ops = kept
 
+    def _seen(self, seq: int | None) -> bool:
+        """Return True when ``seq`` is not above the highest seq accepted; None is never seen."""
+        return seq is not None and self.accepted is not None and seq <= self.accepted
+
     def _advance_past(self, event: Any) -> None:
         """Let the cursor move past an event that adds no rows (filtered or skipped)."""
         seq = getattr(event, "seq", None)
-        if seq is not None and (self.committed is None or seq > self.committed):
+        if seq is not None and not self._seen(seq):
             self.batch.cursor = seq
+            self.accepted = seq
             self._add_marker()
 
     def _add(self, event: Any) -> None:
@@ -299,6 +311,7 @@ class StreamIndexer:
         self.batch.add(event)
         seq = getattr(event, "seq", None)
         if seq is not None:
+            self.accepted = seq
             self.counters.last_seq = seq
             self.counters.last_event_time = getattr(event, "time", None)
         self._add_marker()
