@@ -86,6 +86,10 @@ class Batch:
     dead_letters: list[dict[str, Any]] = field(default_factory=list)
     gaps: list[Gap] = field(default_factory=list)
     nul_stripped: int = 0
+    # ids of dead_letters rows this batch re-indexes (``indexer dead-letters retry``): they are
+    # deleted in the batch's transaction. A batch that is split or rejected drops them, so a row
+    # stays until its event is written.
+    retried_dead_letters: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.events)
@@ -327,6 +331,8 @@ class Store:
         for table_name, rows in batch.history.items():
             _insert_ignoring_duplicates(cursor, schema.metadata.tables[table_name], rows)
         _insert_ignoring_duplicates(cursor, schema.dead_letters, batch.dead_letters)
+        if batch.retried_dead_letters:
+            cursor.execute("DELETE FROM dead_letters WHERE id = ANY(%s)", (batch.retried_dead_letters,))
         for gap in batch.gaps:
             cursor.execute(
                 "INSERT INTO gaps (endpoint, from_seq, to_seq, reason, message) VALUES (%s, %s, %s, %s, %s)",
