@@ -7,27 +7,47 @@ without a traceback.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import sys
+from collections.abc import Awaitable
 from typing import Annotated, Optional
 
 import typer
 
-from indexer import db, embedded
+from indexer import db, embedded, metrics
 from indexer import log as logs
 from indexer.errors import ConfigError, IndexerError
+from indexer.metrics import DEFAULT_ADDRESS as DEFAULT_METRICS_ADDRESS
+
+EXAMPLES = (
+    "Examples:\n\n"
+    "indexer run   (embedded PostgreSQL, relay wss://bsky.network, labeler wss://mod.bsky.app)\n\n"
+    "indexer run --database-url postgresql://indexer@localhost/indexer --metrics-addr 127.0.0.1:9464\n\n"
+    "indexer status --json\n\n"
+    "indexer dead-letters list --reason invalid_record\n\n"
+    "indexer dead-letters show 42\n\n"
+    "indexer dead-letters retry --reason invalid_body\n\n"
+    "indexer db upgrade\n\n"
+    "Every option can also be set as an INDEXER_* environment variable, shown in each command's --help."
+)
 
 app = typer.Typer(
-    help=(
-        "Archive the AT Protocol (Bluesky) network into PostgreSQL.\n\n"
-        "Example: indexer run   (embedded PostgreSQL, default relay wss://bsky.network)"
-    ),
+    help="Archive the AT Protocol (Bluesky) network into PostgreSQL.",
+    epilog=EXAMPLES,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 db_app = typer.Typer(help="Migrate and inspect the database schema.\n\nExample: indexer db upgrade", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+dead_letters_app = typer.Typer(
+    help="Inspect and retry the inputs that could not be decoded or stored.\n\n"
+    "Example: indexer dead-letters list",
+    no_args_is_help=True,
+)
+app.add_typer(dead_letters_app, name="dead-letters")
 
 DatabaseUrlOption = Annotated[
     Optional[str],
@@ -45,6 +65,16 @@ LogLevelOption = Annotated[
 LogFormatOption = Annotated[
     str, typer.Option("--log-format", envvar="INDEXER_LOG_FORMAT", help="Log line format: text or json.")
 ]
+
+MetricsAddressOption = Annotated[str, typer.Option(
+    "--metrics-addr", envvar="INDEXER_METRICS_ADDR",
+    help="HOST:PORT to serve Prometheus metrics on, at /metrics.")]
+NoMetricsOption = Annotated[bool, typer.Option(
+    "--no-metrics", envvar="INDEXER_NO_METRICS", help="Do not serve Prometheus metrics.")]
+ProgressIntervalOption = Annotated[float, typer.Option(
+    "--progress-interval", envvar="INDEXER_PROGRESS_INTERVAL", min=1.0,
+    help="Seconds between progress log lines when stderr is not a terminal.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for programs instead of tables.")]
 
 log = logging.getLogger("indexer")
 
@@ -160,7 +190,8 @@ def run(
         "--collection", envvar="INDEXER_COLLECTIONS",
         help="Index only this collection NSID; a prefix like app.bsky.feed.* is allowed. Repeatable.")] = None,
     did: Annotated[Optional[list[str]], typer.Option(
-        "--did", envvar="INDEXER_DIDS", help="Index only this account's events. Repeatable.")] = None,
+        "--did", envvar="INDEXER_DIDS",
+        help="Index only this account's events, and labels whose subject is this account. Repeatable.")] = None,
     batch_size: Annotated[int, typer.Option(envvar="INDEXER_BATCH_SIZE", min=1,
                                             help="Commit after this many events.")] = 1000,
     batch_interval: Annotated[float, typer.Option(envvar="INDEXER_BATCH_INTERVAL", min=0.01,
@@ -171,6 +202,9 @@ def run(
                                                   help="Largest websocket message accepted, in bytes.")] = 8 * 1024 * 1024,
     no_migrate: Annotated[bool, typer.Option("--no-migrate", envvar="INDEXER_NO_MIGRATE",
                                              help="Do not upgrade the schema first; fail if it is not current.")] = False,
+    metrics_addr: MetricsAddressOption = DEFAULT_METRICS_ADDRESS,
+    no_metrics: NoMetricsOption = False,
+    progress_interval: ProgressIntervalOption = 30.0,
     database_url: DatabaseUrlOption = None,
     log_level: LogLevelOption = "info",
     log_format: LogFormatOption = "text",
@@ -178,15 +212,17 @@ def run(
     """Index the relay's repo stream and labelers' label streams into PostgreSQL until stopped.
 
     Resumes from the stored cursors. Ctrl-C or SIGTERM commits what was received and exits.
+    In a terminal a status line shows events/s, seq and lag per stream; otherwise a progress
+    line is logged every --progress-interval seconds. Prometheus metrics are served on
+    --metrics-addr.
 
     Example: indexer run --relay wss://bsky.network --labeler wss://mod.bsky.app
     """
-    import asyncio
-
     from indexer.ingest import Filters
     from indexer.runner import DEFAULT_LABELER, RunSettings, build_indexers, run_streams
 
     setup(log_level, log_format)
+    metrics_address = None if no_metrics else metrics.parse_address(metrics_addr)
     filters = Filters(collections=tuple(collection or ()), dids=frozenset(did or ()))
     settings = RunSettings(
         relay=None if no_repos else relay,
@@ -199,9 +235,175 @@ def run(
     database = prepare_database(database_url, migrate=not no_migrate)
     indexers = build_indexers(database.url, settings)
     try:
-        asyncio.run(run_streams(indexers))
+        asyncio.run(run_observed(run_streams(indexers), indexers, metrics_address=metrics_address,
+                                 progress_interval=progress_interval))
     except asyncio.CancelledError:
         raise typer.Exit(130) from None
+
+
+@app.command("status")
+def status(
+    json_output: JsonOption = False,
+    database_url: DatabaseUrlOption = None,
+) -> None:
+    """Show each stream's cursor, last event time, lag and event count, row counts per table,
+    dead letters by reason, recorded gaps and backfill progress.
+
+    Row counts of tables above 64 MB are PostgreSQL's estimates, marked with ~.
+
+    Example: indexer status --json
+    """
+    import json
+
+    from rich.console import Console
+
+    from indexer.status import print_status, read_status
+
+    setup()
+    database = db.open_database(database_url, announce=announce)
+    result = read_status(database.url)
+    if json_output:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        print_status(result, Console())
+
+
+ReasonOption = Annotated[Optional[str], typer.Option(
+    "--reason", envvar="INDEXER_DEAD_LETTER_REASON",
+    help="Only dead letters with this drop reason, e.g. invalid_record.", show_default=False)]
+
+
+def _check_reason(reason: str | None) -> None:
+    from indexer.events import DropReason
+
+    known = [str(member) for member in DropReason]
+    if reason is not None and reason not in known:
+        raise ConfigError(f"unknown --reason {reason!r}: use one of {', '.join(known)}")
+
+
+@dead_letters_app.command("list")
+def dead_letters_list(
+    reason: ReasonOption = None,
+    limit: Annotated[int, typer.Option(envvar="INDEXER_DEAD_LETTER_LIMIT", min=1,
+                                       help="Show at most this many rows, oldest first.")] = 50,
+    json_output: JsonOption = False,
+    database_url: DatabaseUrlOption = None,
+) -> None:
+    """Count dead letters by reason and stream, then list the oldest rows (of one --reason).
+
+    Example: indexer dead-letters list --reason invalid_record --limit 20
+    """
+    import json
+
+    from indexer import deadletters
+
+    setup()
+    _check_reason(reason)
+    database = db.open_database(database_url, announce=announce)
+    with deadletters.connect(database.url) as connection:
+        counts = deadletters.count_by_reason(connection)
+        letters = deadletters.list_dead_letters(connection, reason=reason, limit=limit)
+    if json_output:
+        typer.echo(json.dumps({
+            "counts": [{"reason": r, "endpoint": e, "count": c} for r, e, c in counts],
+            "dead_letters": [_letter_summary(letter) for letter in letters],
+        }, indent=2, default=str))
+        return
+    if not counts:
+        typer.echo("No dead letters.")
+        return
+    for counted_reason, endpoint, count in counts:
+        typer.echo(f"{count:>8}  {counted_reason:<18} {endpoint}")
+    typer.echo("")
+    for letter in letters:
+        summary = _letter_summary(letter)
+        typer.echo(f"#{letter.id} {letter.created_at:%Y-%m-%d %H:%M:%S} {letter.reason} seq={letter.seq} "
+                   f"did={letter.did} path={letter.path} raw={summary['raw_bytes']} bytes: {summary['error']}")
+
+
+def _letter_summary(letter) -> dict:
+    error = letter.error if len(letter.error) <= 160 else letter.error[:157] + "..."
+    return {"id": letter.id, "created_at": letter.created_at.isoformat(), "endpoint": letter.endpoint,
+            "seq": letter.seq, "did": letter.did, "t": letter.t, "path": letter.path, "reason": letter.reason,
+            "error": error, "raw_bytes": len(letter.raw or b"")}
+
+
+@dead_letters_app.command("show")
+def dead_letters_show(
+    letter_id: Annotated[int, typer.Argument(metavar="ID", help="Dead letter id, as printed by list.")],
+    database_url: DatabaseUrlOption = None,
+) -> None:
+    """Print one dead letter as JSON with its raw bytes decoded again, where they decode.
+
+    Example: indexer dead-letters show 42
+    """
+    import json
+
+    from indexer import deadletters
+
+    setup()
+    database = db.open_database(database_url, announce=announce)
+    with deadletters.connect(database.url) as connection:
+        letter = deadletters.read_dead_letter(connection, letter_id)
+    if letter is None:
+        raise ConfigError(f"dead letter {letter_id} not found; `indexer dead-letters list` shows the ids")
+    shown = _letter_summary(letter)
+    shown["error"] = letter.error
+    shown["decoded"] = deadletters.decoded_form(letter)
+    typer.echo(json.dumps(shown, indent=2, default=str))
+
+
+@dead_letters_app.command("retry")
+def dead_letters_retry(
+    reason: ReasonOption = None,
+    letter_id: Annotated[Optional[list[int]], typer.Option(
+        "--id", envvar="INDEXER_DEAD_LETTER_IDS", help="Retry this dead letter id; repeatable.")] = None,
+    limit: Annotated[int, typer.Option(envvar="INDEXER_DEAD_LETTER_LIMIT", min=1,
+                                       help="Retry at most this many rows, oldest first.")] = 10_000,
+    database_url: DatabaseUrlOption = None,
+    log_level: LogLevelOption = "info",
+    log_format: LogFormatOption = "text",
+) -> None:
+    """Decode dead-lettered frames again and index those that now decode, deleting their rows.
+
+    Use after an upgrade fixed the cause. No stream cursor moves. Rows of single ops, oversized
+    messages and signature failures are reported as not retryable and kept.
+
+    Example: indexer dead-letters retry --reason invalid_body
+    """
+    import collections
+
+    from indexer import deadletters
+
+    setup(log_level, log_format)
+    _check_reason(reason)
+    database = db.open_database(database_url, announce=announce)
+    results = deadletters.retry(database.url, reason=reason, ids=letter_id, limit=limit)
+    outcomes = collections.Counter(result.outcome for result in results)
+    for result in results:
+        if result.outcome is not deadletters.Outcome.INDEXED:
+            typer.echo(f"#{result.id} {result.outcome}: {result.detail}")
+    typer.echo(f"{len(results)} dead letters retried: {outcomes[deadletters.Outcome.INDEXED]} indexed, "
+               f"{outcomes[deadletters.Outcome.STILL_FAILING]} still failing, "
+               f"{outcomes[deadletters.Outcome.NOT_RETRYABLE]} not retryable.")
+
+
+async def run_observed(work: Awaitable, indexers: list, *, metrics_address: tuple[str, int] | None,
+                       progress_interval: float = 30.0) -> None:
+    """Await ``work`` while serving metrics (unless ``metrics_address`` is None) and showing progress of ``indexers``."""
+    from indexer.progress import ProgressReporter, sample_indexers
+
+    async with contextlib.AsyncExitStack() as stack:
+        if metrics_address is not None:
+            host, port = metrics_address
+            await stack.enter_async_context(metrics.MetricsServer(metrics.build_registry(indexers), host, port))
+        reporter = asyncio.create_task(
+            ProgressReporter(sample_indexers(indexers), log_interval=progress_interval).run())
+        try:
+            await work
+        finally:
+            reporter.cancel()
+            await asyncio.gather(reporter, return_exceptions=True)
 
 
 def main() -> None:
