@@ -202,7 +202,10 @@ class StreamIndexer:
             await asyncio.sleep(self.batch_interval / 2)
             started = self.batch_started
             if started is not None and time.monotonic() - started >= self.batch_interval:
-                await self.flush()
+                # Shielded: run() cancels this task on the way out, and a cancelled flush would release
+                # the write lock while its thread still writes, letting the final flush use the same
+                # connection at the same time.
+                await asyncio.shield(self.flush())
 
     async def _with_database(self, work: Callable[[], Any]) -> Any:
         """Run blocking database ``work`` in a thread, retrying while the database is unavailable."""
