@@ -14,7 +14,7 @@ import time
 
 # Keys shown when a record carries them, in this order.
 FIELDS = ("stream", "endpoint", "job", "seq", "cursor", "did", "rev", "collection", "reason", "count",
-          "delay", "error", "database", "data_dir")
+          "delay", "lag", "indexed", "rows", "dead_letters", "error", "database", "data_dir")
 
 
 class KeyValueFormatter(logging.Formatter):
