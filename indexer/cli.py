@@ -74,7 +74,8 @@ NoMetricsOption = Annotated[bool, typer.Option(
 ProgressIntervalOption = Annotated[float, typer.Option(
     "--progress-interval", envvar="INDEXER_PROGRESS_INTERVAL", min=1.0,
     help="Seconds between progress log lines when stderr is not a terminal.")]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for programs instead of tables.")]
+JsonOption = Annotated[bool, typer.Option("--json", envvar="INDEXER_JSON",
+                                          help="Print JSON for programs instead of tables.")]
 
 log = logging.getLogger("indexer")
 
@@ -246,10 +247,10 @@ def status(
     json_output: JsonOption = False,
     database_url: DatabaseUrlOption = None,
 ) -> None:
-    """Show each stream's cursor, last event time, lag and event count, row counts per table,
-    dead letters by reason, recorded gaps and backfill progress.
+    """Show stream cursors and lag, rows per table, dead letters, gaps and backfill progress.
 
-    Row counts of tables above 64 MB are PostgreSQL's estimates, marked with ~.
+    Per stream (relay, labelers, backfill jobs): committed cursor, last event time, lag and events
+    indexed. Row counts of tables above 64 MB are PostgreSQL's estimates, marked with ~.
 
     Example: indexer status --json
     """
