@@ -12,6 +12,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -405,6 +406,92 @@ async def run_observed(work: Awaitable, indexers: list, *, metrics_address: tupl
         finally:
             reporter.cancel()
             await asyncio.gather(reporter, return_exceptions=True)
+
+
+@app.command("backfill")
+def backfill(
+    cursor: Annotated[Optional[int], typer.Option(
+        "--cursor", envvar="INDEXER_BACKFILL_CURSOR", min=0,
+        help="Replay the relay's repo stream from this seq (a new replay job).", show_default=False)] = None,
+    until: Annotated[Optional[int], typer.Option(
+        "--until", envvar="INDEXER_BACKFILL_UNTIL", min=0,
+        help="Last seq to replay. Default: the live indexer's cursor when the job starts.", show_default=False)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the replay job named by --job.")] = False,
+    relay: Annotated[str, typer.Option(envvar="INDEXER_RELAY",
+                                       help="Relay to replay from, and to list repos on with --all.")]
+    = "wss://bsky.network",
+    repo: Annotated[Optional[list[str]], typer.Option(
+        "--repo", help="Fetch this repo (DID) with getRepo and index every record. Repeatable.")] = None,
+    repos_file: Annotated[Optional[Path], typer.Option(
+        "--repos-file", help="Fetch every repo in this file: one DID per line, # starts a comment.")] = None,
+    all_repos: Annotated[bool, typer.Option(
+        "--all", help="Fetch every repo the relay lists (listRepos, resumable).")] = False,
+    desynchronized: Annotated[bool, typer.Option(
+        "--desynchronized", help="Refetch repos marked desynchronized (by #sync or a broken commit chain).")] = False,
+    job: Annotated[Optional[str], typer.Option(
+        "--job", envvar="INDEXER_BACKFILL_JOB",
+        help="Job name. Default: backfill (replay), repos (--repo, --repos-file), all (--all), "
+        "resync (--desynchronized).", show_default=False)] = None,
+    refetch: Annotated[bool, typer.Option(
+        "--refetch", help="Fetch repos again even when the job already has them done or in a final state.")] = False,
+    plc_url: Annotated[str, typer.Option(envvar="INDEXER_PLC_URL", help="PLC directory for did:plc resolution.")]
+    = "https://plc.directory",
+    concurrency: Annotated[int, typer.Option(envvar="INDEXER_BACKFILL_CONCURRENCY", min=1,
+                                             help="Repos fetched and indexed at once.")] = 4,
+    host_rate: Annotated[float, typer.Option(envvar="INDEXER_BACKFILL_HOST_RATE", min=0.01,
+                                             help="Requests started per second per PDS or relay host.")] = 5.0,
+    max_attempts: Annotated[int, typer.Option(envvar="INDEXER_BACKFILL_MAX_ATTEMPTS", min=1,
+                                              help="Attempts per request on timeouts and server errors.")] = 5,
+    work_dir: Annotated[Optional[Path], typer.Option(
+        envvar="INDEXER_BACKFILL_WORK_DIR",
+        help="Directory for downloaded repos while they are indexed. Default: the system temp directory.",
+        show_default=False)] = None,
+    allow_local_http: Annotated[bool, typer.Option(
+        "--allow-local-http", help="Accept http:// PDS and did:web hosts on 127.0.0.1 and localhost (testing).")]
+    = False,
+    batch_size: Annotated[int, typer.Option(envvar="INDEXER_BATCH_SIZE", min=1,
+                                            help="Commit after this many events or records.")] = 1000,
+    receive_timeout: Annotated[float, typer.Option(envvar="INDEXER_RECEIVE_TIMEOUT", min=0.1,
+                                                   help="Reconnect when the stream is silent for this many seconds.")]
+    = 60.0,
+    no_migrate: Annotated[bool, typer.Option("--no-migrate", envvar="INDEXER_NO_MIGRATE",
+                                             help="Do not upgrade the schema first; fail if it is not current.")] = False,
+    database_url: DatabaseUrlOption = None,
+    log_level: LogLevelOption = "info",
+    log_format: LogFormatOption = "text",
+) -> None:
+    """Fill gaps: replay the relay's stream from a seq, or fetch whole repos with getRepo.
+
+    Runs beside `indexer run` and writes the same tables; newer data always wins (rev gating).
+    Every job is resumable: run the same command again to continue it. See docs/backfill.md.
+
+    Example: indexer backfill --cursor 31527015360 --until 31527015471
+
+    Example: indexer backfill --repo did:plc:53iucmf5ldftgqyf2ac7hmhd
+    """
+    from indexer import backfill as backfills
+    from indexer.repo_jobs import ALL_JOB, REPOS_JOB, RESYNC_JOB, RepoJobSettings, read_repos_file
+
+    setup(log_level, log_format)
+    replay = cursor is not None or resume or until is not None
+    repos = bool(repo) or repos_file is not None or all_repos or desynchronized
+    if replay == repos:
+        raise ConfigError("give either --cursor/--resume (replay the stream) or --repo/--repos-file/--all/"
+                          "--desynchronized (fetch repos); see `indexer backfill --help`")
+    if replay:
+        settings = backfills.ReplaySettings(relay=relay, job=job or backfills.REPLAY_JOB, cursor=cursor, until=until,
+                                            batch_size=batch_size, receive_timeout=receive_timeout)
+        database = prepare_database(database_url, migrate=not no_migrate)
+        raise typer.Exit(backfills.replay_command(database.url, settings))
+
+    dids = [*(repo or []), *(read_repos_file(repos_file) if repos_file is not None else [])]
+    default_job = ALL_JOB if all_repos else RESYNC_JOB if desynchronized else REPOS_JOB
+    settings = RepoJobSettings(job=job or default_job, concurrency=concurrency, host_rate=host_rate,
+                               max_attempts=max_attempts, plc_url=plc_url, allow_local_http=allow_local_http,
+                               refetch=refetch, batch_size=batch_size, work_dir=work_dir)
+    database = prepare_database(database_url, migrate=not no_migrate)
+    raise typer.Exit(backfills.repos_command(database.url, settings, dids=dids,
+                                             list_relay=relay if all_repos else None, desynchronized=desynchronized))
 
 
 def main() -> None:
