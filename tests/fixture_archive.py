@@ -1,9 +1,9 @@
 """Fill a test database the way ``indexer run`` does, from the real fixture frames and labels.
 
-The relay is a ``ReplayRelay`` on 127.0.0.1 serving the 112 recorded frames of the Jetstream corpus;
-the labeler is another one serving three ``#labels`` frames, each carrying one of the real signed
-labels of ``labels/signed_labels.json`` (the frames themselves are built here, because no recorded
-``subscribeLabels`` frames exist). The indexers are the real ones, built by ``indexer.runner``.
+The relay is a ``ReplayRelay`` on 127.0.0.1 serving the 112 recorded frames of the Jetstream corpus.
+The labeler is another one serving three ``#labels`` frames, each carrying one of the real signed
+labels of ``labels/signed_labels.json``. The frames themselves are built here, because no recorded
+``subscribeLabels`` frames exist. The indexers are the real ones, built by ``indexer.runner``.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ async def replay_archive(
     """Index the corpus and the label frames until every frame is committed, then stop like SIGTERM does.
 
     ``relay_frames`` replaces the corpus. ``while_running`` is awaited once both streams have
-    started, with the indexers and the relay (a test may append frames to it); the run then
-    continues until ``final_relay_seq`` (default: the seq of the last of ``relay_frames``) is committed.
+    started, with the indexers and the relay, so a test may append frames to the relay. The run then
+    continues until ``final_relay_seq`` is committed (default: the seq of the last of ``relay_frames``).
     """
     frames = relay_frames if relay_frames is not None else corpus_frames()
     final_relay_seq = final_relay_seq if final_relay_seq is not None else frames[-1][0]

@@ -1,7 +1,7 @@
 """``indexer dead-letters list|show|retry`` on dead letters made from real recorded frames.
 
 A real ``#commit`` frame of the Jetstream corpus is stored as a dead letter, as if an older version
-had failed to decode it; retrying it must index the post it carries. A truncated copy of the frame
+had failed to decode it. Retrying it must index the post it carries. A truncated copy of the frame
 stays invalid.
 """
 
