@@ -166,7 +166,7 @@ async def run_replay(database_url: str, job: ReplayJob, settings: ReplaySettings
     finished = ReplayJob(job.endpoint, job.job, job.start_seq, position, job.target_seq)
     if progress is not None:
         progress.finish(finished, indexer.counters.received)
-    gaps = await asyncio.to_thread(_gaps_since, database_url, job.endpoint, started)
+    gaps = await asyncio.to_thread(_gaps_since, database_url, job, started)
     return ReplayResult(finished, indexer.counters.received, gaps)
 
 
@@ -192,11 +192,19 @@ def _max_gap_id(database_url: str) -> int:
         return connection.execute("SELECT COALESCE(max(id), 0) FROM gaps").fetchone()[0]
 
 
-def _gaps_since(database_url: str, endpoint: str, after_id: int) -> list[tuple[int | None, int | None, str | None]]:
+def _gaps_since(database_url: str, job: ReplayJob, after_id: int) -> list[tuple[int | None, int | None, str | None]]:
+    """Return the gaps recorded for the job's endpoint since gap id ``after_id``, dropping false ones.
+
+    The job connects with the seq just below its start. When that seq is older than the relay's
+    window but the first seq sent is at or below the start, the relay reports ``OutdatedCursor``
+    although nothing the job wanted was lost, so that gap row is deleted.
+    """
     with psycopg.connect(libpq_url(database_url)) as connection:
+        connection.execute("DELETE FROM gaps WHERE endpoint = %s AND id > %s AND to_seq <= %s",
+                           (job.endpoint, after_id, job.start_seq))
         return [tuple(row) for row in connection.execute(
             "SELECT from_seq, to_seq, message FROM gaps WHERE endpoint = %s AND id > %s ORDER BY id",
-            (endpoint, after_id))]
+            (job.endpoint, after_id))]
 
 
 class ReplayProgress:
@@ -270,15 +278,19 @@ def replay_command(database_url: str, settings: ReplaySettings, out: TextIO | No
 
     Returns 0 when the target seq is committed, 130 when a signal stopped the job first.
     """
-    out = out or sys.stdout
-    job = prepare_replay(database_url, settings)
+    return asyncio.run(replay_and_report(database_url, settings, out or sys.stdout))
+
+
+async def replay_and_report(database_url: str, settings: ReplaySettings, out: TextIO) -> int:
+    """Do the work of ``replay_command`` inside a running event loop."""
+    job = await asyncio.to_thread(prepare_replay, database_url, settings)
     if job.complete:
         out.write(f"Backfill job {job.job!r} for {job.endpoint} is complete: seq {job.start_seq} to "
                   f"{job.target_seq}.\n")
         return 0
     log.info(f"replay backfill starting; it stops at seq {job.target_seq}",
              extra={"stream": job.endpoint, "job": job.job, "cursor": job.position})
-    result = asyncio.run(run_replay(database_url, job, settings, ReplayProgress(job)))
+    result = await run_replay(database_url, job, settings, ReplayProgress(job))
     for from_seq, to_seq, message in result.gaps:
         out.write(f"Gap: the relay no longer had the events after seq {from_seq} (it resumed at seq {to_seq}"
                   f"{'; ' + message if message else ''}). They are recorded in the gaps table; fetch the "

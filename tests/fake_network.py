@@ -49,7 +49,7 @@ class FakeNetwork:
     listed: dict[str, dict] = field(default_factory=dict)  # did -> extra listRepos entry fields
     scripts: dict[str, list[ScriptedResponse]] = field(default_factory=lambda: defaultdict(list))
     holds: dict[str, asyncio.Event] = field(default_factory=dict)
-    plc_status: int | None = None  # when set, the PLC directory answers every request with it
+    plc_status: int | None = None  # when set, the PLC directory returns this status for every request
     list_failures_after: int | None = None  # listRepos pages served before every later page fails
     requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     port: int | None = None
@@ -109,7 +109,7 @@ class FakeNetwork:
         }
 
     def script_get_repo(self, did: str, *responses: ScriptedResponse) -> None:
-        """Answer the next getRepo calls for ``did`` with ``responses``, in order, then serve the repo."""
+        """Return ``responses`` to the next getRepo calls for ``did``, in order, then serve the repo."""
         self.scripts[did].extend(responses)
 
     def hold(self, did: str) -> asyncio.Event:
