@@ -26,6 +26,8 @@ EXAMPLES = (
     "Examples:\n\n"
     "indexer run   (embedded PostgreSQL, relay wss://bsky.network, labeler wss://mod.bsky.app)\n\n"
     "indexer run --database-url postgresql://indexer@localhost/indexer --metrics-addr 127.0.0.1:9464\n\n"
+    "indexer backfill --cursor 31527015360 --until 31527015471\n\n"
+    "indexer backfill --repo did:plc:53iucmf5ldftgqyf2ac7hmhd\n\n"
     "indexer status --json\n\n"
     "indexer dead-letters list --reason invalid_record\n\n"
     "indexer dead-letters show 42\n\n"
@@ -416,24 +418,24 @@ def backfill(
     until: Annotated[Optional[int], typer.Option(
         "--until", envvar="INDEXER_BACKFILL_UNTIL", min=0,
         help="Last seq to replay. Default: the live indexer's cursor when the job starts.", show_default=False)] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the replay job named by --job.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", envvar="INDEXER_BACKFILL_RESUME", help="Continue the replay job named by --job.")] = False,
     relay: Annotated[str, typer.Option(envvar="INDEXER_RELAY",
                                        help="Relay to replay from, and to list repos on with --all.")]
     = "wss://bsky.network",
     repo: Annotated[Optional[list[str]], typer.Option(
-        "--repo", help="Fetch this repo (DID) with getRepo and index every record. Repeatable.")] = None,
+        "--repo", envvar="INDEXER_BACKFILL_REPOS", help="Fetch this repo (DID) with getRepo and index every record. Repeatable.")] = None,
     repos_file: Annotated[Optional[Path], typer.Option(
-        "--repos-file", help="Fetch every repo in this file: one DID per line, # starts a comment.")] = None,
+        "--repos-file", envvar="INDEXER_BACKFILL_REPOS_FILE", help="Fetch every repo in this file: one DID per line, # starts a comment.")] = None,
     all_repos: Annotated[bool, typer.Option(
-        "--all", help="Fetch every repo the relay lists (listRepos, resumable).")] = False,
+        "--all", envvar="INDEXER_BACKFILL_ALL", help="Fetch every repo the relay lists (listRepos, resumable).")] = False,
     desynchronized: Annotated[bool, typer.Option(
-        "--desynchronized", help="Refetch repos marked desynchronized (by #sync or a broken commit chain).")] = False,
+        "--desynchronized", envvar="INDEXER_BACKFILL_DESYNCHRONIZED", help="Refetch repos marked desynchronized (by #sync or a broken commit chain).")] = False,
     job: Annotated[Optional[str], typer.Option(
         "--job", envvar="INDEXER_BACKFILL_JOB",
         help="Job name. Default: backfill (replay), repos (--repo, --repos-file), all (--all), "
         "resync (--desynchronized).", show_default=False)] = None,
     refetch: Annotated[bool, typer.Option(
-        "--refetch", help="Fetch repos again even when the job already has them done or in a final state.")] = False,
+        "--refetch", envvar="INDEXER_BACKFILL_REFETCH", help="Fetch repos again even when the job already has them done or in a final state.")] = False,
     plc_url: Annotated[str, typer.Option(envvar="INDEXER_PLC_URL", help="PLC directory for did:plc resolution.")]
     = "https://plc.directory",
     concurrency: Annotated[int, typer.Option(envvar="INDEXER_BACKFILL_CONCURRENCY", min=1,
@@ -447,7 +449,7 @@ def backfill(
         help="Directory for downloaded repos while they are indexed. Default: the system temp directory.",
         show_default=False)] = None,
     allow_local_http: Annotated[bool, typer.Option(
-        "--allow-local-http", help="Accept http:// PDS and did:web hosts on 127.0.0.1 and localhost (testing).")]
+        "--allow-local-http", envvar="INDEXER_ALLOW_LOCAL_HTTP", help="Accept http:// PDS and did:web hosts on 127.0.0.1 and localhost (testing).")]
     = False,
     batch_size: Annotated[int, typer.Option(envvar="INDEXER_BATCH_SIZE", min=1,
                                             help="Commit after this many events or records.")] = 1000,

@@ -1,0 +1,142 @@
+"""The command line as an operator meets it: help with examples, environment variables, log lines
+with fixed keys, and a database password that never appears in any output."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer.main
+from sqlalchemy.engine import make_url
+
+from fixture_archive import corpus_frames, query
+from indexer.cli import app
+from indexer.ingest import REPOS_METHOD
+from indexer.replay import ReplayRelay
+
+pytestmark = pytest.mark.timeout(90)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PASSWORD = "pw-7f3a9c-never-print-me"
+RUN_TIMEOUT = 30.0
+
+
+def commands() -> list[tuple[str, object]]:
+    """Return every leaf command of the CLI with its full name, e.g. ``dead-letters retry``."""
+    found = []
+
+    def walk(command, name: str) -> None:
+        # typer 0.29 ships its own copy of click, so its classes are not click's: check by attribute.
+        if hasattr(command, "commands"):
+            for sub_name, sub in command.commands.items():
+                walk(sub, f"{name} {sub_name}".strip())
+        else:
+            found.append((name, command))
+
+    walk(typer.main.get_command(app), "")
+    return found
+
+
+def test_top_level_help_lists_examples():
+    group = typer.main.get_command(app)
+    for name in group.commands:
+        assert f"indexer {name}" in group.epilog, name
+
+
+@pytest.mark.parametrize("name, command", commands(), ids=[name for name, _ in commands()])
+def test_command_help_has_example(name, command):
+    assert f"Example: indexer {name}" in command.help
+
+
+@pytest.mark.parametrize("name, command", commands(), ids=[name for name, _ in commands()])
+def test_every_option_has_environment_variable(name, command):
+    for parameter in command.params:
+        if parameter.param_type_name == "option" and parameter.name != "help":
+            assert parameter.envvar and parameter.envvar.startswith("INDEXER_"), f"{name} {parameter.opts}"
+
+
+def with_password(url: str) -> str:
+    return make_url(url).set(password=PASSWORD).render_as_string(hide_password=False)
+
+
+def clean_environment() -> dict[str, str]:
+    environment = {key: value for key, value in os.environ.items()
+                   if not key.startswith("INDEXER_") and key != "DATABASE_URL"}
+    environment["RUST_LIB_BACKTRACE"] = "0"
+    return environment
+
+
+async def run_command_until(database_url: str, relay: ReplayRelay, last_seq: int, *options: str) -> tuple[int, str]:
+    """Run ``indexer run`` on the relay until ``last_seq`` is committed, then SIGTERM it; return (code, output)."""
+    endpoint = relay.url(REPOS_METHOD)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "indexer.cli", "run", "--relay", relay.base_url, "--no-labels",
+        "--database-url", database_url, "--metrics-addr", "127.0.0.1:0", *options,
+        cwd=REPO_ROOT, env=clean_environment(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    output = asyncio.create_task(process.stdout.read())
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + RUN_TIMEOUT
+    try:
+        while process.returncode is None and loop.time() < deadline:
+            rows = await asyncio.to_thread(query, database_url, "SELECT seq FROM cursors WHERE endpoint = %s",
+                                           (endpoint,))
+            if rows and rows[0][0] == last_seq:
+                break
+            await asyncio.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(RUN_TIMEOUT):
+            code = await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    return code, (await output).decode(errors="replace")
+
+
+async def index_corpus(database_url: str, *options: str) -> tuple[int, str]:
+    frames = corpus_frames()
+    async with ReplayRelay(frames) as relay:
+        return await run_command_until(database_url, relay, frames[-1][0], *options)
+
+
+def test_run_output_hides_password(database_url):
+    code, output = asyncio.run(index_corpus(with_password(database_url), "--log-level", "debug"))
+    assert code == 0, output
+    assert "connected" in output
+    assert PASSWORD not in output
+
+
+def test_unreachable_database_error_hides_password():
+    url = f"postgresql://indexer:{PASSWORD}@127.0.0.1:1/indexer"
+    for args in (["run", "--no-labels", "--no-metrics"], ["status"], ["dead-letters", "list"], ["db", "current"]):
+        completed = subprocess.run(
+            [sys.executable, "-m", "indexer.cli", *args, "--database-url", url], cwd=REPO_ROOT,
+            env=clean_environment(), capture_output=True, text=True, timeout=60)
+        assert completed.returncode != 0, args
+        assert "127.0.0.1" in completed.stderr, args
+        assert PASSWORD not in completed.stdout + completed.stderr, args
+
+
+def test_run_json_logs_carry_fixed_keys(database_url):
+    code, output = asyncio.run(index_corpus(database_url, "--log-format", "json"))
+    assert code == 0, output
+    entries = [json.loads(line) for line in output.splitlines() if line.strip()]
+    connected = [entry for entry in entries if entry["message"] == "connected"]
+    assert len(connected) == 1
+    assert connected[0]["stream"].endswith(REPOS_METHOD)
+    assert {"time", "level", "logger", "message"} <= set(entries[0])
+
+
+def test_run_logs_one_line_per_state_change(database_url):
+    code, output = asyncio.run(index_corpus(database_url, "--log-format", "json"))
+    messages = [json.loads(line)["message"] for line in output.splitlines() if line.strip()]
+    # 112 events were indexed, but lines are logged per state change, not per event.
+    assert len(messages) < 20, messages
+    assert messages.count("caught up with the stream") <= 1
