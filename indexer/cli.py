@@ -400,7 +400,12 @@ async def run_observed(work: Awaitable, indexers: list, *, metrics_address: tupl
     async with contextlib.AsyncExitStack() as stack:
         if metrics_address is not None:
             host, port = metrics_address
-            await stack.enter_async_context(metrics.MetricsServer(metrics.build_registry(indexers), host, port))
+            try:
+                await stack.enter_async_context(metrics.MetricsServer(metrics.build_registry(indexers), host, port))
+            except ConfigError as error:
+                # Indexing matters more than its metrics: a taken port (a second indexer on the
+                # host, say) must not stop the archive. Prometheus reports the target as down.
+                log.warning("metrics are not served", extra={"error": str(error)})
         reporter = asyncio.create_task(
             ProgressReporter(sample_indexers(indexers), log_interval=progress_interval).run())
         try:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -140,3 +141,14 @@ def test_run_logs_one_line_per_state_change(database_url):
     # 112 events were indexed, but lines are logged per state change, not per event.
     assert len(messages) < 20, messages
     assert messages.count("caught up with the stream") <= 1
+
+
+def test_run_continues_when_metrics_port_taken(database_url):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, output = asyncio.run(index_corpus(database_url, "--metrics-addr", f"127.0.0.1:{port}"))
+    assert code == 0, output
+    assert "metrics are not served" in output
+    assert query(database_url, "SELECT count(*) FROM likes") == [(78,)]
