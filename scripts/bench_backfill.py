@@ -21,7 +21,6 @@ os.environ.setdefault("RUST_LIB_BACKTRACE", "0")
 
 import argparse
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import synthetic_stream  # noqa: E402
-from bench_ingest import ScratchDatabases, server_version  # noqa: E402
+from bench_ingest import ScratchDatabases, peak_rss, server_version  # noqa: E402
 
 from indexer import car, db, mst, records  # noqa: E402
 from indexer.store import Batch, Store  # noqa: E402
@@ -151,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"repos: {len(repos)} real repo CARs, {sum(repo.records for repo in repos)} records, replicated")
             print(f"{'backfill (CAR -> MST walk -> rows -> Store)':<48} {written / elapsed:>10,.0f} records/s  "
                   f"{written:,} records in {elapsed:.1f} s, batch {args.batch_size}, "
-                  f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+                  f"peak RSS {peak_rss() / 2**20:.0f} MB")
         finally:
             databases.close()
     return 0

@@ -6,10 +6,10 @@
    ``CAR.from_bytes`` on the same frames; events/s (skipped when ``atproto`` is not installed);
 3. raw write limit: the rows of step 1 written with plain ``COPY`` into the same tables of a fresh
    database, one transaction per batch; rows/s;
-4. end to end: the frames served over a local websocket by ``ReplayRelay`` (a child process), the
-   real ``StreamIndexer`` (another child process) writing into a fresh database with cursor
-   commits; events/s, peak RSS of the indexer process, and the lag per batch (from the batch's
-   first event being received to its commit);
+4. end to end: ``ReplayRelay`` (a child process) serves the frames over a local websocket to the
+   real ``StreamIndexer`` (another child process), which writes into a fresh database with cursor
+   commits. Reported: events/s, peak RSS of the indexer process, and the lag per batch (from the
+   arrival of the batch's first event to its commit);
 5. the ratios 1/2, 4/2 and 4/3.
 
 The frames come from ``synthetic_stream`` (real recorded frames, re-sequenced; see there).
@@ -248,10 +248,24 @@ def run_indexer(url: str, relay_base: str, stop_at_seq: int, batch_size: int, re
         "events": indexer.counters.indexed,
         "rows": store.rows_written,
         "seconds": elapsed,
-        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss": peak_rss(),
         "lags": TimedIndexer.lags,
         "batches": indexer.counters.batches,
     })
+
+
+def peak_rss() -> int:
+    """Return this process's peak resident set size in bytes.
+
+    Linux's ``ru_maxrss`` survives ``exec``, so in a spawned child it reports the parent's peak
+    from before the fork; ``VmHWM`` belongs to the process's own address space.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def end_to_end(url: str, events: int, seed: int, did_count: int, batch_size: int) -> Figures:

@@ -9,9 +9,9 @@ re-encoded with libipld:
   ``did:plc:`` identifiers (skewed, so some accounts are much more active than others);
 - ``rev``, ``since``, ``time``: a TID and an ISO time that grow by 500 µs per event (about the
   network's peak rate of 2,000 events/s), so every later commit of a DID has a newer rev;
-- op ``path``: a fresh TID rkey per op, so every create is a distinct record; delete and update
-  ops name a record created earlier in the same stream (a delete may change the collection of
-  the recorded delete op to that record's collection);
+- op ``path``: a fresh TID rkey per op, so every create is a distinct record. Delete and update
+  ops name a record created earlier in the same stream, so a delete may carry another collection
+  than the recorded delete op;
 - ``action``: a post create is turned into an update of an earlier post for the update share.
 
 The record blocks, their CIDs, the MST blocks and the commit block stay byte for byte as
@@ -49,9 +49,9 @@ REPOST = "app.bsky.feed.repost"
 FOLLOW = "app.bsky.graph.follow"
 BLOCK = "app.bsky.graph.block"
 
-# Share of each kind of event. The create shares follow the live network as measured in 2025-26
-# (about 60 % likes, 15 % posts, 15 % follows, 7 % reposts, 1 % blocks); about 5 % deletes and
-# 1 % updates as on the network; identity and account events are a little over 1 %.
+# Share of each kind of event. The create shares follow the live network as measured in 2025-26:
+# about 60 % likes, 15 % posts, 15 % follows, 7 % reposts and 1 % blocks. Deletes are about 5 %
+# and updates 1 %, as on the network, and identity and account events a little over 1 %.
 DEFAULT_MIX: dict[str, float] = {
     f"create {LIKE}": 0.57,
     f"create {POST}": 0.14,
@@ -78,7 +78,7 @@ def fixtures_root(explicit: str | Path | None = None) -> Path:
     """Return the real-data fixtures directory.
 
     Looks at ``explicit``, then ``INDEXER_FIXTURES``, then ``../shared/fixtures`` beside the
-    checkout. Raises FileNotFoundError naming the places tried when none holds ``SOURCES.md``.
+    checkout. Raises FileNotFoundError naming the places tried when none contains ``SOURCES.md``.
     """
     candidates = []
     if explicit is not None:
