@@ -54,6 +54,9 @@ class ActorUpdate:
     last_seq: int | None = None
     last_time: datetime | None = None
     desynchronized_at: datetime | None = None
+    # since and rev of the account's first commit in the batch, checked against the stored rev.
+    first_since: str | None = None
+    first_rev: str | None = None
 
 
 @dataclass(slots=True)
@@ -165,6 +168,11 @@ class Batch:
 
     def _add_commit(self, commit: Commit, time: datetime | None) -> None:
         actor = self._actor(commit.did)
+        if actor.rev is None:
+            actor.first_since, actor.first_rev = commit.since, commit.rev
+        elif commit.since is not None and commit.since != actor.rev and commit.rev > actor.rev:
+            # A commit that does not follow the previous one: commits were missed, refetch the repo.
+            actor.desynchronized_at = time or datetime.now().astimezone()
         actor.rev = _newer(actor.rev, commit.rev)
         for op in commit.ops:
             if op.error is not None:
@@ -484,7 +492,13 @@ ON CONFLICT (did) DO UPDATE SET
     last_time = CASE WHEN EXCLUDED.last_seq > COALESCE(actors.last_seq, -1)
                      THEN EXCLUDED.last_time ELSE actors.last_time END,
     last_seq = GREATEST(actors.last_seq, EXCLUDED.last_seq),
-    desynchronized_at = COALESCE(EXCLUDED.desynchronized_at, actors.desynchronized_at),
+    desynchronized_at = COALESCE(
+        EXCLUDED.desynchronized_at,
+        -- The batch's first commit is newer than the stored rev but does not follow it.
+        CASE WHEN %(first_since)s::text IS NOT NULL AND actors.rev IS NOT NULL
+                  AND %(first_rev)s::text > actors.rev AND %(first_since)s::text <> actors.rev
+             THEN now() END,
+        actors.desynchronized_at),
     updated_at = now()
 """
 
@@ -499,7 +513,8 @@ def _apply_actors(cursor: psycopg.Cursor, actors: dict[str, ActorUpdate]) -> Non
         params.append({"did": did, "handle": update.handle, "identity_seq": update.identity_seq,
                        "active": update.active, "status": update.status, "account_seq": update.account_seq,
                        "rev": update.rev, "last_seq": update.last_seq, "last_time": update.last_time,
-                       "desynchronized_at": update.desynchronized_at})
+                       "desynchronized_at": update.desynchronized_at,
+                       "first_since": update.first_since, "first_rev": update.first_rev})
     cursor.executemany(ACTOR_UPSERT, params)
 
 
