@@ -20,6 +20,7 @@ import asyncio
 import email.utils
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -263,13 +264,9 @@ def retry_after_seconds(headers: Any, *, now: float | None = None, default: floa
     """
     now = time.time() if now is None else now
     wait: float | None = None
-    retry_after = headers.get("Retry-After")
+    retry_after = (headers.get("Retry-After") or "").strip()
     if retry_after:
-        try:
-            wait = float(retry_after)
-        except ValueError:
-            parsed = email.utils.parsedate_to_datetime(retry_after) if retry_after.strip() else None
-            wait = parsed.timestamp() - now if parsed is not None else None
+        wait = _retry_after_value(retry_after, now)
     if wait is None and headers.get("RateLimit-Reset"):
         try:
             wait = float(headers["RateLimit-Reset"]) - now
@@ -278,6 +275,20 @@ def retry_after_seconds(headers: Any, *, now: float | None = None, default: floa
     if wait is None:
         wait = default
     return min(max(wait, 0.0), MAX_RATE_LIMIT_WAIT)
+
+
+def _retry_after_value(value: str, now: float) -> float | None:
+    """Return the seconds a Retry-After value requests, or None when it is neither delta seconds nor a date."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = None
+    if seconds is not None:
+        return seconds if math.isfinite(seconds) else None
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp() - now
+    except (ValueError, TypeError):
+        return None
 
 
 def relay_http_url(relay: str) -> str:
