@@ -26,11 +26,11 @@ from typing import BinaryIO
 import libipld
 
 from indexer import car, schema
-from indexer.errors import DecodeError, IndexerError
+from indexer.errors import DatabaseUnavailable, DecodeError, IndexerError
 from indexer.events import Commit, DropReason, OpError, RecordOp
 from indexer.frames import split_path
 from indexer.mst import Mst, MstError, cid_to_str
-from indexer.store import Batch, Store
+from indexer.store import CONNECTION_ERRORS, Batch, Store
 
 log = logging.getLogger(__name__)
 
@@ -221,8 +221,12 @@ def _older_records(store: Store, did: str, rev: str) -> list[tuple[str, str]]:
                for collection, table in schema.RECORD_TABLES.items()]
     selects.append("SELECT collection, rkey FROM records WHERE did = %(did)s AND rev < %(rev)s")
     store.connect()
-    with store.connection.cursor() as cursor:
-        cursor.execute(" UNION ALL ".join(selects), {"did": did, "rev": rev})
-        found = [(collection, rkey) for collection, rkey in cursor.fetchall()]
-    store.connection.commit()
+    try:
+        with store.connection.cursor() as cursor:
+            cursor.execute(" UNION ALL ".join(selects), {"did": did, "rev": rev})
+            found = [(collection, rkey) for collection, rkey in cursor.fetchall()]
+        store.connection.commit()
+    except CONNECTION_ERRORS as error:
+        store.close()
+        raise DatabaseUnavailable(f"reading the stored records of {did} failed: {error}") from error
     return found
