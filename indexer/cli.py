@@ -206,6 +206,14 @@ def run(
                                                   help="Largest websocket message accepted, in bytes.")] = 8 * 1024 * 1024,
     no_migrate: Annotated[bool, typer.Option("--no-migrate", envvar="INDEXER_NO_MIGRATE",
                                              help="Do not upgrade the schema first; fail if it is not current.")] = False,
+    resync: Annotated[bool, typer.Option("--resync", envvar="INDEXER_RESYNC",
+                                         help="Also refetch repos marked desynchronized, in the background "
+                                         "(what `indexer backfill --desynchronized` does).")] = False,
+    resync_interval: Annotated[float, typer.Option(envvar="INDEXER_RESYNC_INTERVAL", min=1.0,
+                                                   help="Seconds between two --resync rounds.")] = 300.0,
+    plc_url: Annotated[str, typer.Option(envvar="INDEXER_PLC_URL",
+                                         help="PLC directory for resolving did:plc (with --resync).")]
+    = "https://plc.directory",
     metrics_addr: MetricsAddressOption = DEFAULT_METRICS_ADDRESS,
     no_metrics: NoMetricsOption = False,
     progress_interval: ProgressIntervalOption = 30.0,
@@ -223,7 +231,7 @@ def run(
     Example: indexer run --relay wss://bsky.network --labeler wss://mod.bsky.app
     """
     from indexer.ingest import Filters
-    from indexer.runner import DEFAULT_LABELER, RunSettings, build_indexers, run_streams
+    from indexer.runner import DEFAULT_LABELER, RunSettings, build_indexers, resync_periodically, run_streams
 
     setup(log_level, log_format)
     metrics_address = None if no_metrics else metrics.parse_address(metrics_addr)
@@ -238,8 +246,14 @@ def run(
         raise ConfigError("nothing to index: --no-repos and --no-labels were both given")
     database = prepare_database(database_url, migrate=not no_migrate)
     indexers = build_indexers(database.url, settings)
+    background = []
+    if resync:
+        from indexer.repo_jobs import RepoJobSettings
+
+        resync_settings = RepoJobSettings(job="resync", plc_url=plc_url)
+        background.append(lambda: resync_periodically(database.url, resync_settings, resync_interval))
     try:
-        asyncio.run(run_observed(run_streams(indexers), indexers, metrics_address=metrics_address,
+        asyncio.run(run_observed(run_streams(indexers, background), indexers, metrics_address=metrics_address,
                                  progress_interval=progress_interval))
     except asyncio.CancelledError:
         raise typer.Exit(130) from None

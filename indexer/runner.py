@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from indexer import frames
@@ -22,6 +24,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RELAY = "wss://bsky.network"
 DEFAULT_LABELER = "wss://mod.bsky.app"
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass
@@ -62,8 +65,13 @@ def _indexer(database_url: str, settings: RunSettings, base: str, method: str, d
                          stop_at_seq=settings.stop_at_seq)
 
 
-async def run_streams(indexers: list[StreamIndexer]) -> None:
-    """Run the indexers until a signal or a failure; commit what was received before returning."""
+async def run_streams(indexers: list[StreamIndexer], background: Sequence[Callable[[], Awaitable]] = ()) -> None:
+    """Run the indexers until a signal or a failure; commit what was received before returning.
+
+    ``background`` coroutine functions (such as the periodic resync) run beside the indexers and are
+    cancelled once every indexer has returned. Signal handlers are installed only when this runs
+    in the main thread, where Python allows them.
+    """
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
     signals_seen = 0
@@ -83,15 +91,22 @@ async def run_streams(indexers: list[StreamIndexer]) -> None:
                 indexer.abandon = True
             main_task.cancel()
 
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(signum, on_signal, signum)
+    handles_signals = threading.current_thread() is threading.main_thread()
+    if handles_signals:
+        for signum in HANDLED_SIGNALS:
+            loop.add_signal_handler(signum, on_signal, signum)
+    extra_tasks = [asyncio.create_task(work()) for work in background]
     try:
         async with asyncio.TaskGroup() as group:
             for indexer in indexers:
                 group.create_task(_run_and_stop_others(indexer, indexers))
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.remove_signal_handler(signum)
+        for task in extra_tasks:
+            task.cancel()
+        await asyncio.gather(*extra_tasks, return_exceptions=True)
+        if handles_signals:
+            for signum in HANDLED_SIGNALS:
+                loop.remove_signal_handler(signum)
         for indexer in indexers:
             indexer.store.close()
 
@@ -105,3 +120,25 @@ async def _run_and_stop_others(indexer: StreamIndexer, indexers: list[StreamInde
                 other.stop()
         raise
 
+
+
+async def resync_periodically(database_url: str, settings, interval: float) -> None:
+    """Refetch repos marked desynchronized, then again every ``interval`` seconds, until cancelled.
+
+    ``settings`` is a ``RepoJobSettings``. A failing round is logged and retried at the next
+    interval; it never stops the stream indexers.
+    """
+    from indexer.repo_jobs import RepoJob
+
+    while True:
+        try:
+            summary = await RepoJob(database_url, settings).run(desynchronized=True)
+            if summary.repos_indexed or summary.failures:
+                log.info("resync round finished", extra={"job": summary.job, "indexed": summary.repos_indexed,
+                                                         "rows": summary.records, "count": len(summary.failures)})
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # a network or database failure of one round; the next round retries
+            log.warning("resync round failed; retrying at the next interval",
+                        extra={"job": settings.job, "error": str(error), "delay": interval})
+        await asyncio.sleep(interval)

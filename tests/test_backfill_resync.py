@@ -165,3 +165,23 @@ async def test_taken_down_repo_not_refetched_until_marked_again(database_url):
         summary = await RepoJob(database_url, _settings(network)).run(desynchronized=True)
     assert calls_while_taken_down == 1
     assert summary.states == {"done": 1}
+
+
+async def test_run_with_resync_refetches_marked_repo(database_url):
+    from indexer.runner import resync_periodically, run_streams
+
+    frames = _stream_frames()
+    async with FakeNetwork() as network, ReplayRelay(frames) as relay:
+        network.add_repo(fixture_path(JETSTREAM_REPO))
+        (indexer,) = build_indexers(database_url, RunSettings(relay=relay.base_url, labelers=[],
+                                                              batch_interval=0.05, receive_timeout=2.0))
+        resync = lambda: resync_periodically(database_url, _settings(network), interval=0.2)  # noqa: E731
+        task = asyncio.create_task(run_streams([indexer], [resync]))
+        async with asyncio.timeout(30):
+            while not _query(database_url, "SELECT 1 FROM deletions WHERE did = %s AND rkey = %s", DID, STALE_POST):
+                await asyncio.sleep(0.05)
+        indexer.stop()
+        await task
+
+    assert _mark(database_url) is None
+    assert _query(database_url, "SELECT count(*) FROM posts WHERE rkey = %s", STALE_POST) == [(0,)]
