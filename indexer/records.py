@@ -180,6 +180,9 @@ def row_for_record(
         "created_at_raw": created_at_raw,
         "created_at": created_at,
         "record": document,
+        # Not checked yet: the indexing loop sets them from the commit's verification outcome.
+        "verified": None,
+        "verify_reason": None,
     }
     table = RECORD_TABLES.get(collection)
     if table is None:

@@ -54,6 +54,21 @@ def _now():
                   comment="When this row was last written by the indexer.")
 
 
+def _verification_columns(what: str) -> list[Column]:
+    """The outcome of signature verification, shared by every table of signed data."""
+    return [
+        Column("verified", Boolean,
+               comment=f"True when {what} verified, false when it failed, NULL when not checked (--verify off, or no key)."),
+        Column("verify_reason", ID,
+               comment="Why verified is false or NULL: a reason such as signature_mismatch, proof_mismatch, no_key."),
+    ]
+
+
+# What the verification columns of repo data cover: the commit signature by the account's #atproto
+# key, the commit's did and rev, the Sync 1.1 proof, and the record block hashes.
+COMMIT_CHECKS = "the signed commit that wrote it (signature, did, rev, MST proof, record hash)"
+
+
 def _record_columns(collection: str) -> list[Column]:
     """Columns every typed record table shares, in this order."""
     return [
@@ -85,6 +100,7 @@ def _record_table(name: str, collection: str, comment: str, *extra: Column) -> T
         metadata,
         *_record_columns(collection),
         *extra,
+        *_verification_columns(COMMIT_CHECKS),
         PrimaryKeyConstraint("did", "rkey"),
         comment=f"{comment} Collection {collection}; one row per existing record, latest version.",
     )
@@ -170,6 +186,7 @@ records = Table(
     Column("created_at", DateTime(timezone=True), comment="createdAt parsed as UTC; NULL when missing or invalid."),
     Column("record", JSONB, nullable=False, comment="The whole record as atproto JSON."),
     _now(),
+    *_verification_columns(COMMIT_CHECKS),
     PrimaryKeyConstraint("did", "collection", "rkey"),
     comment="Records of every collection without a typed table (lists, feeds, threadgates, other apps).",
 )
@@ -196,6 +213,7 @@ deletions = Table(
     Column("seq", BigInteger, comment="Relay sequence number of that delete; NULL when found by a repo resync."),
     Column("time", DateTime(timezone=True), comment="Event time of that delete, as stamped by the relay."),
     _now(),
+    *_verification_columns("the signed commit of that delete (signature, did, rev, MST proof)"),
     PrimaryKeyConstraint("did", "collection", "rkey"),
     comment=(
         "Deleted records, also used as tombstones: a create or update with a rev not newer than "
@@ -259,6 +277,7 @@ sync_events = _history_table(
     "Append-only history of #sync events (a repo's state was reset; it must be refetched).",
     Column("rev", ID, nullable=False, comment="Revision the repo was reset to."),
     Column("commit_cid", ID, comment="CID of the commit block in the event, when readable."),
+    *_verification_columns("the commit block's signature, did and rev"),
 )
 
 cursors = Table(
@@ -273,6 +292,8 @@ cursors = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now(),
            comment="When the cursor last moved."),
     Column("last_event_time", DateTime(timezone=True), comment="Event time of the event at seq, when it had one."),
+    Column("events", BigInteger, nullable=False, server_default="0",
+           comment="Events committed under this cursor so far (written or dead-lettered), over all runs."),
     PrimaryKeyConstraint("endpoint", "job"),
     comment="Stream positions, written in the same transaction as the rows of the events they cover.",
 )
@@ -391,6 +412,7 @@ labels = Table(
     Column("sig", LargeBinary, comment="Signature bytes, exactly as received."),
     Column("received_at", DateTime(timezone=True), nullable=False, server_default=func.now(),
            comment="When the indexer received the label."),
+    *_verification_columns("sig, checked against the #atproto_label key of the labeler (src)"),
     Index(None, "src", "uri", "cid", "val", "neg", "cts_raw", unique=True, postgresql_nulls_not_distinct=True),
     Index(None, "src", "uri", "val", "cts"),
     Index(None, "uri"),

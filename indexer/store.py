@@ -93,6 +93,9 @@ class Batch:
     # deleted in the batch's transaction. A batch that is split or rejected drops them, so a row
     # stays until its event is written.
     retried_dead_letters: list[int] = field(default_factory=list)
+    # Verification outcomes by seq (see ``apply_verifications``): a Verification for a commit or
+    # sync, a list with one per label for a #labels event.
+    verifications: dict[int, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.events)
@@ -144,6 +147,27 @@ class Batch:
             "reason": str(reason), "error": error, "raw": raw, "digest": digest,
         })
 
+    def apply_verifications(self, outcomes: dict[int, Any]) -> None:
+        """Set ``verified`` and ``verify_reason`` on the rows of the events whose seq is in ``outcomes``.
+
+        ``outcomes`` maps a seq to a ``Verification`` (commit, sync), or to a list with one per
+        label, in label order (#labels). Rows of other events keep NULL: not checked.
+        """
+        self.verifications.update(outcomes)
+        for rows in self.records.values():
+            for row in rows.values():
+                _set_verification(row, outcomes.get(row["seq"]))
+        for row in self.deletions.values():
+            _set_verification(row, outcomes.get(row["seq"]))
+        for row in self.history.get("sync_events", ()):
+            _set_verification(row, outcomes.get(row["seq"]))
+        position: dict[int, int] = {}
+        for row in self.history.get("labels", ()):
+            index = position[row["seq"]] = position.get(row["seq"], -1) + 1
+            per_label = outcomes.get(row["seq"])
+            if per_label is not None and index < len(per_label):
+                _set_verification(row, per_label[index])
+
     def _actor(self, did: str) -> ActorUpdate:
         actor = self.actors.get(did)
         if actor is None:
@@ -161,7 +185,7 @@ class Batch:
         self.history.setdefault(table, []).append(row)
 
     def _add_sync(self, event: Sync, time: datetime | None) -> None:
-        self._add_history("sync_events", event, time, rev=event.rev, commit_cid=None)
+        self._add_history("sync_events", event, time, rev=event.rev, commit_cid=None, **UNCHECKED)
         actor = self._actor(event.did)
         actor.desynchronized_at = time or datetime.now().astimezone()
         actor.rev = _newer(actor.rev, event.rev)
@@ -195,7 +219,7 @@ class Batch:
         existing = self.deletions.get(key)
         if existing is None or commit.rev > existing["rev"]:
             self.deletions[key] = {"did": commit.did, "collection": collection, "rkey": rkey,
-                                   "rev": commit.rev, "seq": commit.seq, "time": time}
+                                   "rev": commit.rev, "seq": commit.seq, "time": time, **UNCHECKED}
 
     def _add_record(self, commit: Commit, collection: str, rkey: str, cid: str, record: dict) -> None:
         row = records.row_for_record(collection, commit.did, rkey, cid, commit.rev, commit.seq, record)
@@ -211,7 +235,21 @@ class Batch:
         from indexer import labels as label_rows  # the label stream's own mapping
 
         for label in event.labels:
-            self.history.setdefault("labels", []).append(label_rows.row_for_label(self.endpoint, event.seq, label))
+            row = label_rows.row_for_label(self.endpoint, event.seq, label)
+            row.update(UNCHECKED)
+            self.history.setdefault("labels", []).append(row)
+
+
+# Values of the verification columns of a row nobody checked.
+UNCHECKED = {"verified": None, "verify_reason": None}
+
+
+def _set_verification(row: dict[str, Any], outcome: Any) -> None:
+    """Copy a ``Verification``'s result into a row; None leaves the row as it is."""
+    if outcome is None:
+        return
+    row["verified"] = outcome.verified
+    row["verify_reason"] = str(outcome.reason) if outcome.reason is not None else None
 
 
 def _newer(current: str | None, candidate: str | None) -> str | None:
@@ -292,7 +330,8 @@ class Store:
             self._write_rejected(batch, error)
             return
         middle = len(batch.events) // 2
-        first, second = rebuild(batch.endpoint, batch.events[:middle]), rebuild(batch.endpoint, batch.events[middle:])
+        first = rebuild(batch.endpoint, batch.events[:middle], batch.verifications)
+        second = rebuild(batch.endpoint, batch.events[middle:], batch.verifications)
         # The cursor may have moved past skipped events after the last event with rows.
         second.cursor, second.cursor_time = batch.cursor, batch.cursor_time
         self.write(first)
@@ -347,10 +386,12 @@ class Store:
                 (batch.endpoint, gap.from_seq, gap.to_seq, gap.reason, gap.message))
         if batch.cursor is not None:
             cursor.execute(
-                "INSERT INTO cursors (endpoint, job, seq, last_event_time, updated_at) VALUES (%s, %s, %s, %s, now()) "
+                "INSERT INTO cursors (endpoint, job, seq, last_event_time, updated_at, events) "
+                "VALUES (%s, %s, %s, %s, now(), %s) "
                 "ON CONFLICT (endpoint, job) DO UPDATE SET seq = EXCLUDED.seq, "
-                "last_event_time = EXCLUDED.last_event_time, updated_at = now()",
-                (self.endpoint, self.job, batch.cursor, batch.cursor_time))
+                "last_event_time = EXCLUDED.last_event_time, updated_at = now(), "
+                "events = cursors.events + EXCLUDED.events",
+                (self.endpoint, self.job, batch.cursor, batch.cursor_time, _event_count(batch)))
 
     def _drop_connection(self) -> None:
         if self.connection is not None:
@@ -361,12 +402,19 @@ class Store:
             self.connection = None
 
 
-def rebuild(endpoint: str, events: Iterable[Any]) -> Batch:
-    """Return a new batch of ``events``, in order."""
+def rebuild(endpoint: str, events: Iterable[Any], verifications: dict[int, Any] | None = None) -> Batch:
+    """Return a new batch of ``events``, in order, with the verification outcomes of their rows."""
     batch = Batch(endpoint=endpoint)
     for event in events:
         batch.add(event)
+    if verifications:
+        batch.apply_verifications(verifications)
     return batch
+
+
+def _event_count(batch: Batch) -> int:
+    """Return the number of stream events in ``batch``; a recorded gap is not an event."""
+    return sum(1 for event in batch.events if not isinstance(event, Gap))
 
 
 def _raw_of(event: Any) -> bytes | None:
@@ -445,11 +493,12 @@ def _apply_deletions(cursor: psycopg.Cursor, rows: Iterable[dict]) -> None:
     columns = _written_columns(schema.deletions)
     _copy_rows(cursor, "staging_deletions", columns, rows)
     cursor.execute(
-        "INSERT INTO deletions (did, collection, rkey, rev, seq, time) "
-        "SELECT did, collection, rkey, rev, seq, time FROM staging_deletions s "
+        "INSERT INTO deletions (did, collection, rkey, rev, seq, time, verified, verify_reason) "
+        "SELECT did, collection, rkey, rev, seq, time, verified, verify_reason FROM staging_deletions s "
         f"WHERE {_DELETE_IS_NEWER} "
         "ON CONFLICT (did, collection, rkey) DO UPDATE SET rev = EXCLUDED.rev, seq = EXCLUDED.seq, "
-        "time = EXCLUDED.time, indexed_at = now() WHERE deletions.rev < EXCLUDED.rev")
+        "time = EXCLUDED.time, verified = EXCLUDED.verified, verify_reason = EXCLUDED.verify_reason, "
+        "indexed_at = now() WHERE deletions.rev < EXCLUDED.rev")
     for collection, table in schema.RECORD_TABLES.items():
         cursor.execute(
             f"DELETE FROM {table.name} t USING staging_deletions s WHERE s.collection = %s "

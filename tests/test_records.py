@@ -246,7 +246,7 @@ def test_record_columns_skip_generated_ones() -> None:
 def test_record_columns_follow_table_order() -> None:
     assert record_columns(schema.likes) == (
         "did", "rkey", "cid", "rev", "seq", "created_at_raw", "created_at", "record",
-        "subject_uri", "subject_cid", "via_uri", "via_cid",
+        "subject_uri", "subject_cid", "via_uri", "via_cid", "verified", "verify_reason",
     )  # fmt: skip
     assert record_columns(schema.records)[:3] == ("did", "collection", "rkey")
 
