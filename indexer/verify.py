@@ -205,8 +205,12 @@ def _invert(tree: Mst, op: ProofOp) -> None:
         tree.update(op.key, op.prev)
 
 
-def _proof_op(op: RecordOp | Mapping[str, Any]) -> ProofOp:
-    """Convert one op into a ProofOp; raises ValueError naming what is missing or invalid."""
+def _proof_op(op: RecordOp | Mapping[str, Any], require_prev: bool = True) -> ProofOp:
+    """Convert one op into a ProofOp; raises ValueError naming what is missing or invalid.
+
+    ``require_prev`` False accepts an update or delete without ``prev`` (ops before Sync 1.1),
+    which is enough for checks that need only the op's cid.
+    """
     if isinstance(op, RecordOp):
         action, path, cid, prev = op.action, op.path, op.cid, op.prev
     else:
@@ -216,7 +220,7 @@ def _proof_op(op: RecordOp | Mapping[str, Any]) -> ProofOp:
     if action not in ("create", "update", "delete"):
         raise ValueError(f"op on {path!r} has unknown action {action!r}")
     needs_cid = action != "delete"
-    needs_prev = action != "create"
+    needs_prev = action != "create" and (require_prev or prev is not None)
     if needs_cid and cid is None:
         raise ValueError(f"{action} op on {path!r} has no cid")
     if needs_prev and prev is None:
@@ -255,10 +259,11 @@ def verify_record_blocks(blocks: Mapping[bytes, bytes], ops: Iterable[RecordOp |
     """Check that every create and update op's record block is present and hashes to the op's cid.
 
     The signature and the MST cover record CIDs, not record bytes, so this check is what ties the
-    delivered records to the signed commit. Only SHA-256 CIDs can be checked; others fail.
+    delivered records to the signed commit. Only SHA-256 CIDs can be checked; others fail. Ops
+    without ``prev`` (before Sync 1.1) are accepted.
     """
     try:
-        proof_ops = [_proof_op(op) for op in ops]
+        proof_ops = [_proof_op(op, require_prev=False) for op in ops]
     except ValueError as error:
         return Verification.failed(VerifyFailure.INVALID_OP, str(error))
     for op in proof_ops:
