@@ -112,11 +112,15 @@ class DidResolver:
             await self._session.close()
             self._session = None
 
-    async def resolve(self, did: str) -> DidDocument | ResolveFailure:
+    async def resolve(self, did: str, *, refresh: bool = False) -> DidDocument | ResolveFailure:
         """Return the DID document of ``did``, from the cache when it is fresh.
 
-        Concurrent calls for the same DID share one lookup.
+        Concurrent calls for the same DID share one lookup. ``refresh`` fetches the document even
+        when the cached one is fresh (after an ``#identity`` event, or a signature that does not
+        match the cached key); a transient failure then still returns the cached document.
         """
+        if refresh:
+            return await self._resolve_uncached(did, refresh=True)
         cached = self._from_memory(did)
         if cached is not None:
             return cached
@@ -136,12 +140,12 @@ class DidResolver:
         finally:
             del self._in_flight[did]
 
-    async def _resolve_uncached(self, did: str) -> DidDocument | ResolveFailure:
+    async def _resolve_uncached(self, did: str, refresh: bool = False) -> DidDocument | ResolveFailure:
         url = self.document_url(did)
         if isinstance(url, ResolveFailure):
             return url
         stored = await self._from_database(did)
-        if stored is not None and stored[1]:
+        if stored is not None and stored[1] and not refresh:
             self._remember(did, stored[0])
             return stored[0]
         async with self._semaphore:
