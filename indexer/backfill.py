@@ -30,6 +30,7 @@ from indexer.ingest import REPOS_METHOD, StreamIndexer
 from indexer.repo_jobs import RepoJob, RepoJobSettings, count_states
 from indexer.store import Store
 from indexer.stream import DEFAULT_MAX_MESSAGE_SIZE, Backoff, StreamClient, endpoint_url
+from indexer.verifier import EventVerifier, VerifySettings
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class ReplaySettings:
     receive_timeout: float = 60.0
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     backoff: Callable[[], Backoff] | None = None
+    verify: VerifySettings = field(default_factory=VerifySettings)  # off unless set
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +145,8 @@ def build_replay_indexer(database_url: str, job: ReplayJob, settings: ReplaySett
                             max_message_size=settings.max_message_size, backoff=backoff)
 
     return StreamIndexer(store, client_factory, decode=frames.decode_repo_frame, batch_size=settings.batch_size,
-                         batch_interval=settings.batch_interval, stop_at_seq=job.target_seq)
+                         batch_interval=settings.batch_interval, stop_at_seq=job.target_seq,
+                         verifier=EventVerifier(settings.verify, database_url))
 
 
 async def run_replay(database_url: str, job: ReplayJob, settings: ReplaySettings,

@@ -80,6 +80,19 @@ ProgressIntervalOption = Annotated[float, typer.Option(
 JsonOption = Annotated[bool, typer.Option("--json", envvar="INDEXER_JSON",
                                           help="Print JSON for programs instead of tables.")]
 
+VerifyOption = Annotated[str, typer.Option(
+    "--verify", envvar="INDEXER_VERIFY",
+    help="Signature verification: off; record (store the outcome in each row's verified column); "
+    "enforce (also dead-letter events that fail, with reason signature_invalid).")]
+VerifyWorkersOption = Annotated[Optional[int], typer.Option(
+    "--verify-workers", envvar="INDEXER_VERIFY_WORKERS", min=0,
+    help="Worker processes that check signatures and commit proofs; 0 checks in a thread of the "
+    "indexer process. Default: half the CPUs.", show_default=False)]
+VerifyKeyWaitOption = Annotated[float, typer.Option(
+    "--verify-key-wait", envvar="INDEXER_VERIFY_KEY_WAIT", min=0.0,
+    help="Seconds a batch commit waits for DID documents still being resolved; rows whose key is "
+    "still unknown are stored with verified NULL (reason no_key).")]
+
 log = logging.getLogger("indexer")
 
 
@@ -163,6 +176,21 @@ def db_shell(database_url: DatabaseUrlOption = None) -> None:
     raise typer.Exit(subprocess.call([psql, url]))
 
 
+def verify_settings(mode: str, plc_url: str, workers: int | None, key_wait: float,
+                    allow_local_http: bool = False):
+    """Return the VerifySettings for the --verify options; raises ConfigError for an unknown mode."""
+    from indexer.verifier import VerifyMode, VerifySettings
+
+    known = [str(member) for member in VerifyMode]
+    if mode not in known:
+        raise ConfigError(f"invalid --verify {mode!r}: use one of {', '.join(known)}")
+    settings = VerifySettings(mode=VerifyMode(mode), plc_url=plc_url, key_wait=key_wait,
+                              allow_local_http=allow_local_http)
+    if workers is not None:
+        settings.workers = workers
+    return settings
+
+
 def prepare_database(database_url: str | None, migrate: bool) -> db.Database:
     """Open the configured (or embedded) database and bring its schema up to date unless told not to."""
     database = db.open_database(database_url, announce=announce)
@@ -212,8 +240,11 @@ def run(
     resync_interval: Annotated[float, typer.Option(envvar="INDEXER_RESYNC_INTERVAL", min=1.0,
                                                    help="Seconds between two --resync rounds.")] = 300.0,
     plc_url: Annotated[str, typer.Option(envvar="INDEXER_PLC_URL",
-                                         help="PLC directory for resolving did:plc (with --resync).")]
+                                         help="PLC directory for resolving did:plc (signing keys, --resync).")]
     = "https://plc.directory",
+    verify: VerifyOption = "record",
+    verify_workers: VerifyWorkersOption = None,
+    verify_key_wait: VerifyKeyWaitOption = 0.5,
     metrics_addr: MetricsAddressOption = DEFAULT_METRICS_ADDRESS,
     no_metrics: NoMetricsOption = False,
     progress_interval: ProgressIntervalOption = 30.0,
@@ -241,6 +272,7 @@ def run(
         labelers=[] if no_labels else (labeler or [DEFAULT_LABELER]),
         filters=filters, batch_size=batch_size, batch_interval=batch_interval,
         receive_timeout=receive_timeout, max_message_size=max_message_size,
+        verify=verify_settings(verify, plc_url, verify_workers, verify_key_wait),
     )
     if settings.relay is None and not settings.labelers:
         raise ConfigError("nothing to index: --no-repos and --no-labels were both given")
@@ -457,6 +489,9 @@ def backfill(
         "--refetch", envvar="INDEXER_BACKFILL_REFETCH", help="Fetch repos again even when the job already has them done or in a final state.")] = False,
     plc_url: Annotated[str, typer.Option(envvar="INDEXER_PLC_URL", help="PLC directory for did:plc resolution.")]
     = "https://plc.directory",
+    verify: VerifyOption = "record",
+    verify_workers: VerifyWorkersOption = None,
+    verify_key_wait: VerifyKeyWaitOption = 0.5,
     concurrency: Annotated[int, typer.Option(envvar="INDEXER_BACKFILL_CONCURRENCY", min=1,
                                              help="Repos fetched and indexed at once.")] = 4,
     host_rate: Annotated[float, typer.Option(envvar="INDEXER_BACKFILL_HOST_RATE", min=0.01,
@@ -501,7 +536,9 @@ def backfill(
                           "--desynchronized (fetch repos); see `indexer backfill --help`")
     if replay:
         settings = backfills.ReplaySettings(relay=relay, job=job or backfills.REPLAY_JOB, cursor=cursor, until=until,
-                                            batch_size=batch_size, receive_timeout=receive_timeout)
+                                            batch_size=batch_size, receive_timeout=receive_timeout,
+                                            verify=verify_settings(verify, plc_url, verify_workers, verify_key_wait,
+                                                                   allow_local_http))
         database = prepare_database(database_url, migrate=not no_migrate)
         raise typer.Exit(backfills.replay_command(database.url, settings))
 

@@ -33,15 +33,18 @@ from indexer.events import (
     Commit,
     DropReason,
     ErrorFrame,
+    Identity,
     Info,
     Invalid,
     Labels,
     Skipped,
     SkipReason,
+    Sync,
 )
 from indexer.labels import subject_did
 from indexer.store import Batch, Gap, Store
 from indexer.stream import Backoff, OversizedMessage, StreamClient
+from indexer.verifier import EventVerifier, VerifyMode, dead_letter_failures
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +133,7 @@ class StreamIndexer:
         batch_interval: float = 0.2,
         stop_at_seq: int | None = None,
         db_backoff: Backoff | None = None,
+        verifier: EventVerifier | None = None,
     ) -> None:
         self.store = store
         self.endpoint = store.endpoint
@@ -139,6 +143,8 @@ class StreamIndexer:
         self.batch_interval = batch_interval
         self.stop_at_seq = stop_at_seq
         self.db_backoff = db_backoff or Backoff(base=0.5, cap=30.0)
+        # None or mode off: rows keep verified NULL.
+        self.verifier = verifier if verifier is not None and verifier.enabled else None
         self.counters = IngestCounters()
         self.warnings = RateLimitedWarnings()
         self.committed: int | None = None
@@ -168,8 +174,12 @@ class StreamIndexer:
                         break
         finally:
             timer.cancel()
-            if not self.abandon:
-                await self.flush()
+            try:
+                if not self.abandon:
+                    await self.flush()
+            finally:
+                if self.verifier is not None:
+                    await self.verifier.aclose()
         log.info("stream stopped", extra={"stream": self.endpoint, "cursor": self.committed})
 
     def stop(self) -> None:
@@ -184,6 +194,8 @@ class StreamIndexer:
             if batch.is_empty():
                 return
             started = time.monotonic()
+            if self.verifier is not None:
+                batch = await self._verify(batch)
             await self._with_database(lambda: self.store.write(batch))
             self.counters.commit_seconds.append(time.monotonic() - started)
             del self.counters.commit_seconds[:-1000]
@@ -191,6 +203,19 @@ class StreamIndexer:
             self.counters.indexed += len(batch)
             if batch.cursor is not None:
                 self.committed = batch.cursor
+
+    async def _verify(self, batch: Batch) -> Batch:
+        """Store the verification outcomes on the batch's rows; with enforce, dead-letter failures."""
+        seqs = [event.seq for event in batch.events if isinstance(event, (Commit, Sync, Labels))]
+        outcomes = await self.verifier.outcomes(seqs)
+        batch.apply_verifications(outcomes)
+        if self.verifier.settings.mode is VerifyMode.ENFORCE:
+            batch, dropped = dead_letter_failures(batch, outcomes)
+            if dropped:
+                self.counters.dead_letters[DropReason.SIGNATURE_INVALID] += dropped
+                self.warnings.warn(DropReason.SIGNATURE_INVALID, "events dead-lettered: verification failed",
+                                   stream=self.endpoint, count=dropped)
+        return batch
 
     async def _cursor_for_connect(self) -> int | None:
         """Commit the open batch, then return the committed cursor to connect with."""
@@ -269,6 +294,12 @@ class StreamIndexer:
             self.counters.skipped[SkipReason.FILTERED] += 1
             self._advance_past(event)
             return
+        if self.verifier is not None:
+            if isinstance(event, Identity):
+                self.verifier.refresh(event.did)
+            else:
+                # Before _filter_ops: the commit proof needs every op of the commit.
+                self.verifier.submit(event)
         if isinstance(event, Commit):
             self._filter_ops(event)
         self._add(event)

@@ -19,6 +19,7 @@ from indexer import frames
 from indexer.ingest import LABELS_METHOD, REPOS_METHOD, Filters, StreamIndexer
 from indexer.store import Store
 from indexer.stream import DEFAULT_MAX_MESSAGE_SIZE, StreamClient, endpoint_url
+from indexer.verifier import EventVerifier, VerifySettings
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ class RunSettings:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     job: str = "live"
     stop_at_seq: int | None = None
+    # Off unless set: programs and tests must choose a PLC directory; `indexer run` defaults to record.
+    verify: VerifySettings = field(default_factory=VerifySettings)
 
 
 def build_indexers(database_url: str, settings: RunSettings) -> list[StreamIndexer]:
@@ -62,7 +65,7 @@ def _indexer(database_url: str, settings: RunSettings, base: str, method: str, d
 
     return StreamIndexer(store, client_factory, decode=decode, filters=settings.filters,
                          batch_size=settings.batch_size, batch_interval=settings.batch_interval,
-                         stop_at_seq=settings.stop_at_seq)
+                         stop_at_seq=settings.stop_at_seq, verifier=EventVerifier(settings.verify, database_url))
 
 
 async def run_streams(indexers: list[StreamIndexer], background: Sequence[Callable[[], Awaitable]] = ()) -> None:
