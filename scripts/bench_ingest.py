@@ -10,7 +10,12 @@
    real ``StreamIndexer`` (another child process), which writes into a fresh database with cursor
    commits. Reported: events/s, peak RSS of the indexer process, and the lag per batch (from the
    arrival of the batch's first event to its commit);
-5. the ratios 1/2, 4/2 and 4/3.
+5. the ratios 1/2, 4/2 and 4/3;
+6. with ``--verify record``: step 4 again with ``--verify off`` and ``--verify record`` on the
+   recorded relay commits (re-sequenced and repeated, so that their signatures and proofs still
+   verify) with a local PLC directory serving their recorded DID documents. After the first
+   round the writes are rev-gated no-ops, so the two rates show the cost of verification, not a
+   realistic write load.
 
 The frames come from ``synthetic_stream`` (real recorded frames, re-sequenced; see there).
 PostgreSQL is the embedded server in a temporary directory, or the server of ``DATABASE_URL``, on
@@ -216,11 +221,71 @@ def serve_relay(events: int, seed: int, did_count: int, ready) -> None:
     asyncio.run(serve())
 
 
-def run_indexer(url: str, relay_base: str, stop_at_seq: int, batch_size: int, result) -> None:
-    """Child process: run the real StreamIndexer until ``stop_at_seq``, then report its figures."""
+def serve_recorded(repeats: int, ready) -> None:
+    """Child process: serve the recorded commits, repeated, and a PLC directory with their DID documents."""
+    import json
+
+    from aiohttp import web
+
+    from indexer.replay import ReplayRelay
+
+    root = synthetic_stream.fixtures_root()
+    recorded = _recorded_jetstream(root)
+    repeated = [frame for _ in range(repeats) for frame in recorded]
+    pairs = [(seq, _with_seq(frame, seq)) for seq, frame in enumerate(repeated, start=1)]
+    documents = json.loads((root / synthetic_stream.JETSTREAM_FRAMES).with_name("did_docs.json").read_text())
+
+    async def document(request: web.Request) -> web.Response:
+        found = documents.get(request.match_info["did"])
+        return web.json_response(found) if found else web.Response(status=404)
+
+    async def serve() -> None:
+        relay = ReplayRelay(pairs)
+        await relay.start()
+        app = web.Application()
+        app.router.add_get("/{did}", document)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        ready.send((relay.base_url, f"http://127.0.0.1:{runner.addresses[0][1]}", len(pairs)))
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+
+
+def _recorded_jetstream(root: Path) -> list[bytes]:
+    """Return the recorded relay frames that are commits (the ones verification checks)."""
+    import libipld
+
+    data = (root / synthetic_stream.JETSTREAM_FRAMES).read_bytes()
+    frame_list, offset = [], 0
+    while offset < len(data):
+        length = int.from_bytes(data[offset:offset + 4], "little")
+        frame_list.append(data[offset + 4:offset + 4 + length])
+        offset += 4 + length
+    return [frame for frame in frame_list if libipld.decode_dag_cbor_multi(frame)[0].get("t") == "#commit"]
+
+
+def _with_seq(frame: bytes, seq: int) -> bytes:
+    """Re-encode ``frame`` with another seq; nothing signed changes."""
+    import libipld
+
+    header, body = libipld.decode_dag_cbor_multi(frame)
+    body["seq"] = seq
+    return libipld.encode_dag_cbor(header) + libipld.encode_dag_cbor(body)
+
+
+def run_indexer(url: str, relay_base: str, stop_at_seq: int, batch_size: int, result,
+                verify: tuple[str, str] | None = None) -> None:
+    """Child process: run the real StreamIndexer until ``stop_at_seq``, then report its figures.
+
+    ``verify`` is ``(mode, plc_url)`` for the verification stage; None leaves it off.
+    """
     from indexer.ingest import REPOS_METHOD, StreamIndexer
     from indexer.store import Store
     from indexer.stream import StreamClient, endpoint_url
+    from indexer.verifier import EventVerifier, VerifyMode, VerifySettings
 
     class TimedIndexer(StreamIndexer):
         """Records, per committed batch, the seconds from its first event's arrival to its commit."""
@@ -239,7 +304,10 @@ def run_indexer(url: str, relay_base: str, stop_at_seq: int, batch_size: int, re
     def client_factory(cursor_source):
         return StreamClient(endpoint, REPOS_METHOD, cursor_source)
 
-    indexer = TimedIndexer(store, client_factory, batch_size=batch_size, stop_at_seq=stop_at_seq)
+    verifier = None
+    if verify is not None:
+        verifier = EventVerifier(VerifySettings(mode=VerifyMode(verify[0]), plc_url=verify[1]), url)
+    indexer = TimedIndexer(store, client_factory, batch_size=batch_size, stop_at_seq=stop_at_seq, verifier=verifier)
     started = time.perf_counter()
     asyncio.run(indexer.run())
     elapsed = time.perf_counter() - started
@@ -251,6 +319,7 @@ def run_indexer(url: str, relay_base: str, stop_at_seq: int, batch_size: int, re
         "peak_rss": peak_rss(),
         "lags": TimedIndexer.lags,
         "batches": indexer.counters.batches,
+        "verified": dict(verifier.counts) if verifier is not None else {},
     })
 
 
@@ -291,6 +360,36 @@ def end_to_end(url: str, events: int, seed: int, did_count: int, batch_size: int
     lags = sorted(outcome["lags"])
     return Figures("4 end to end (relay -> indexer -> PostgreSQL)", outcome["events"] / outcome["seconds"],
                    "events/s", extra={**outcome, "p50": _percentile(lags, 0.5), "p99": _percentile(lags, 0.99)})
+
+
+def end_to_end_verify(server_url: str, databases: ScratchDatabases, repeats: int, batch_size: int) -> dict[str, Figures]:
+    """Step 6: the recorded commits end to end with --verify off and with --verify record."""
+    context = multiprocessing.get_context("spawn")
+    ready_receiver, ready_sender = context.Pipe(duplex=False)
+    relay = context.Process(target=serve_recorded, args=(repeats, ready_sender), daemon=True)
+    relay.start()
+    results = {}
+    try:
+        if not ready_receiver.poll(600):
+            raise RuntimeError("the replay relay process did not start within 600 s")
+        relay_base, plc_url, count = ready_receiver.recv()
+        for mode in ("off", "record"):
+            result_receiver, result_sender = context.Pipe(duplex=False)
+            # The stop seq is the last one, so the run ends on the interval flush of its last batch.
+            indexer = context.Process(target=run_indexer, args=(
+                databases.create(f"verify_{mode}"), relay_base, count - 1, batch_size, result_sender,
+                (mode, plc_url)))
+            indexer.start()
+            indexer.join()
+            if indexer.exitcode != 0 or not result_receiver.poll():
+                raise RuntimeError(f"the indexer process failed with exit code {indexer.exitcode}")
+            outcome = result_receiver.recv()
+            results[mode] = Figures(f"6 recorded commits, --verify {mode}", outcome["events"] / outcome["seconds"],
+                                    "events/s", extra=outcome)
+    finally:
+        relay.terminate()
+        relay.join()
+    return results
 
 
 def _percentile(values: list[float], fraction: float) -> float | None:
@@ -336,6 +435,16 @@ def print_table(machine: str, events: int, results: dict[str, Figures]) -> None:
     print(f"{'5 ratio 4/3 (in rows/s)':<48} {ratio(e2e_rows, copy):>22}")
 
 
+def print_verify(results: dict[str, Figures]) -> None:
+    off, record = results["off"], results["record"]
+    for figures in (off, record):
+        counts = figures.extra["verified"]
+        note = f"verified true/false/null: {counts.get('true', 0)}/{counts.get('false', 0)}/{counts.get('null', 0)}" \
+            if counts else ""
+        print(f"{figures.label:<48} {format_rate(figures):>22}  {figures.extra['events']:,} events {note}")
+    print(f"{'6 ratio record / off':<48} {ratio(record, off):>22}")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=200_000, help="number of events in the stream (default: 200000)")
@@ -343,6 +452,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=1000, help="events per committed batch (default: 1000)")
     parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL"),
                         help="PostgreSQL server to use (default: DATABASE_URL, else an embedded server in a temporary directory)")
+    parser.add_argument("--verify", choices=("off", "record"), default="off",
+                        help="record: also run step 6, end to end with --verify off and record (default: off)")
+    parser.add_argument("--verify-repeats", type=int, default=40,
+                        help="times the 110 recorded commits are replayed in step 6 (default: 40)")
     parser.add_argument("--fixtures", help="real-data fixtures directory (default: INDEXER_FIXTURES or ../shared/fixtures)")
     args = parser.parse_args(argv)
     if args.events < 1:
@@ -382,7 +495,12 @@ def main(argv: list[str] | None = None) -> int:
             del batches
             print("4/4 end to end ...", file=sys.stderr, flush=True)
             results["e2e"] = end_to_end(databases.create("e2e"), args.events, args.seed, did_count, args.batch_size)
+            if args.verify == "record":
+                print("6 end to end, --verify off and record ...", file=sys.stderr, flush=True)
+                verify_results = end_to_end_verify(server_url, databases, args.verify_repeats, args.batch_size)
             print_table(machine_line(server_url, embedded_server), args.events, results)
+            if args.verify == "record":
+                print_verify(verify_results)
         finally:
             databases.close()
     return 0
