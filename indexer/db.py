@@ -35,6 +35,9 @@ class Database:
 
     @property
     def display_url(self) -> str:
+        """The URL without its password, or the data directory of the embedded server."""
+        if self.embedded is not None:
+            return f"(embedded, {self.embedded.data_dir})"
         return redact_url(self.url)
 
 
@@ -100,7 +103,7 @@ def open_database(option: str | None = None, *, announce=print) -> Database:
 
 
 def create_engine(database: Database | str, **options) -> Engine:
-    """Create an engine and check that the database answers; raise DatabaseUnavailable if not."""
+    """Create an engine and check that the database accepts a query; raise DatabaseUnavailable if not."""
     url = database.url if isinstance(database, Database) else normalize_url(database)
     engine = sqlalchemy.create_engine(url, pool_pre_ping=True, **options)
     try:

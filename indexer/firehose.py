@@ -54,7 +54,10 @@ async def _subscribe(base: str, method: str, decode: Callable[[bytes], Any], cur
                 continue
             event = decode(item)
             if isinstance(event, ErrorFrame) and event.error == "FutureCursor":
-                raise FutureCursorError(f"{client.url} says cursor {position} is in the future: {event.message}")
+                raise FutureCursorError(
+                    f"{client.url} rejected cursor {position} as ahead of its newest event: {event.message}. "
+                    "Pass an older cursor, or None for the live tip."
+                )
             seq = getattr(event, "seq", None)
             if seq is not None:
                 if position is not None and seq <= position:
