@@ -303,6 +303,11 @@ class StreamIndexer:
         if isinstance(event, Commit):
             self._filter_ops(event)
         self._add(event)
+        if self.stop_at_seq is not None and seq >= self.stop_at_seq:
+            # The target itself is indexed: stop now rather than wait for an event past it,
+            # which may never come when the target is the relay's newest event.
+            self.reached_stop_seq = True
+            self.stopping = True
 
     def _filter_labels(self, event: Labels) -> None:
         """Keep the labels whose subject account passes the DID filter; an emptied frame still moves the cursor."""

@@ -33,7 +33,7 @@ from sqlalchemy import Table
 
 from indexer import records, schema
 from indexer.errors import DatabaseUnavailable, IndexerError
-from indexer.events import Account, Commit, DropReason, Identity, Invalid, Labels, OpError, Sync
+from indexer.events import Account, Commit, DropReason, Identity, Invalid, Labels, OpError, RecordOp, Sync
 from indexer.labels import encode_labels_frame
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class ActorUpdate:
     # since and rev of the account's first commit in the batch, checked against the stored rev.
     first_since: str | None = None
     first_rev: str | None = None
+    first_time: datetime | None = None  # event time of that first commit, for the desynchronized mark
 
 
 @dataclass(slots=True)
@@ -194,6 +195,7 @@ class Batch:
         actor = self._actor(commit.did)
         if actor.rev is None:
             actor.first_since, actor.first_rev = commit.since, commit.rev
+            actor.first_time = time or datetime.now().astimezone()
         elif commit.since is not None and commit.since != actor.rev and commit.rev > actor.rev:
             # A commit that does not follow the previous one: commits were missed, refetch the repo.
             actor.desynchronized_at = time or datetime.now().astimezone()
@@ -204,7 +206,7 @@ class Batch:
             elif op.action == "delete":
                 self._add_deletion(commit, op.collection, op.rkey, time)
             elif op.record is not None and op.cid is not None:
-                self._add_record(commit, op.collection, op.rkey, op.cid, op.record)
+                self._add_record(commit, op, time)
 
     def _add_op_error(self, commit: Commit, path: str, error: OpError, raw: bytes | None) -> None:
         self.add_dead_letter(error.reason, error.message, raw, seq=commit.seq, did=commit.did, t="#commit", path=path)
@@ -221,8 +223,12 @@ class Batch:
             self.deletions[key] = {"did": commit.did, "collection": collection, "rkey": rkey,
                                    "rev": commit.rev, "seq": commit.seq, "time": time, **UNCHECKED}
 
-    def _add_record(self, commit: Commit, collection: str, rkey: str, cid: str, record: dict) -> None:
-        row = records.row_for_record(collection, commit.did, rkey, cid, commit.rev, commit.seq, record)
+    def _add_record(self, commit: Commit, op: RecordOp, time: datetime | None) -> None:
+        # The raw block tells CID links from byte strings exactly in the JSON form, and judging
+        # createdAt against the commit's time (not the clock) gives the same row on every replay.
+        collection, rkey = op.collection, op.rkey
+        row = records.row_for_record(collection, commit.did, rkey, op.cid, commit.rev, commit.seq, op.record,
+                                     block=op.record_bytes, now=time)
         if row.nul_stripped:
             self.nul_stripped += 1
         by_key = self.records.setdefault(row.table.name, {})
@@ -546,7 +552,7 @@ ON CONFLICT (did) DO UPDATE SET
         -- The batch's first commit is newer than the stored rev but does not follow it.
         CASE WHEN %(first_since)s::text IS NOT NULL AND actors.rev IS NOT NULL
                   AND %(first_rev)s::text > actors.rev AND %(first_since)s::text <> actors.rev
-             THEN now() END,
+             THEN %(first_time)s::timestamptz END,
         actors.desynchronized_at),
     updated_at = now()
 """
@@ -563,7 +569,8 @@ def _apply_actors(cursor: psycopg.Cursor, actors: dict[str, ActorUpdate]) -> Non
                        "active": update.active, "status": update.status, "account_seq": update.account_seq,
                        "rev": update.rev, "last_seq": update.last_seq, "last_time": update.last_time,
                        "desynchronized_at": update.desynchronized_at,
-                       "first_since": update.first_since, "first_rev": update.first_rev})
+                       "first_since": update.first_since, "first_rev": update.first_rev,
+                       "first_time": update.first_time})
     cursor.executemany(ACTOR_UPSERT, params)
 
 

@@ -19,6 +19,9 @@ import pytest
 from sqlalchemy.engine import make_url
 
 os.environ.setdefault("RUST_LIB_BACKTRACE", "0")
+# Tests never reach the real network: a PLC directory on the discard port refuses at once, so a
+# test that forgets to pass a local one sees DID resolution fail instead of contacting plc.directory.
+os.environ.setdefault("INDEXER_PLC_URL", "http://127.0.0.1:9")
 
 TEMPLATE = f"indexer_template_{uuid.uuid4().hex[:8]}"
 _counter = itertools.count()
