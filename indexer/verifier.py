@@ -30,6 +30,8 @@ import enum
 import logging
 import multiprocessing
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -262,7 +264,8 @@ class EventVerifier:
             else:
                 # spawn, not fork: the indexer process has threads (the writer) and open sockets.
                 self._pool = concurrent.futures.ProcessPoolExecutor(
-                    self.settings.workers, mp_context=multiprocessing.get_context("spawn"))
+                    self.settings.workers, mp_context=multiprocessing.get_context("spawn"),
+                    initializer=prepare_worker, initargs=(os.getpid(),))
         return self._pool
 
     # --- results --------------------------------------------------------------------------------
@@ -481,3 +484,21 @@ def _split_labels(event: Labels, outcomes: list[Verification]) -> tuple[list[Lab
         else:
             kept.append(label)
     return kept, letters
+
+
+def prepare_worker(parent_pid: int) -> None:
+    """Set up a verification worker process: leave signals to the parent, and die with it.
+
+    Ctrl-C reaches the whole process group; the parent commits and shuts the pool down, so a worker
+    must not print a KeyboardInterrupt traceback. SIGTERM keeps its default action, because the pool
+    terminates broken workers with it. A parent killed with SIGKILL cannot shut the pool
+    down, so each worker watches for that and exits instead of lingering as an orphan.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def exit_when_orphaned() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=exit_when_orphaned, name="orphan-watch", daemon=True).start()
