@@ -5,6 +5,8 @@ owns what commit-proof checks need from the tree. It loads nodes lazily from a b
 (``cid bytes -> raw block bytes``, as read from a commit's CAR), inserts, updates and deletes
 keys, and re-encodes changed nodes to compute the new root CID. Nodes that an edit never touches
 stay unloaded and keep their CID, so a commit's partial tree is enough to edit near its keys.
+Checking a Sync 1.1 commit proof runs this code once per commit, so decoding, checking and
+encoding a node are written for speed (see ``Mst``).
 
 Facts of the format (atproto "Repository" spec):
 
@@ -26,7 +28,6 @@ from __future__ import annotations
 import hashlib
 from bisect import bisect_left
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 
 import libipld
 
@@ -37,6 +38,9 @@ NODE_CID_PREFIX = b"\x01\x71\x12\x20"
 
 # An MST key is "collection/rkey"; the repository spec caps it at 1024 bytes.
 MAX_KEY_LENGTH = 1024
+
+_NODE_FIELDS = frozenset(("e", "l"))
+_sha256 = hashlib.sha256
 
 
 class MstError(IndexerError):
@@ -64,15 +68,8 @@ class KeyStateError(MstError):
 
 def key_height(key: bytes) -> int:
     """Return the MST layer of ``key``: leading zero bits of SHA-256(key), divided by 2."""
-    digest = hashlib.sha256(key).digest()
-    zero_bits = 0
-    for byte in digest:
-        if byte == 0:
-            zero_bits += 8
-            continue
-        zero_bits += 8 - byte.bit_length()
-        break
-    return zero_bits // 2
+    # 256 minus the bit length of the digest read as an integer is its count of leading zero bits.
+    return (256 - int.from_bytes(_sha256(key).digest(), "big").bit_length()) // 2
 
 
 def common_prefix_length(left: bytes, right: bytes) -> int:
@@ -86,7 +83,7 @@ def common_prefix_length(left: bytes, right: bytes) -> int:
 
 def node_cid(block: bytes) -> bytes:
     """Return the binary CID of a DAG-CBOR block hashed with SHA-256."""
-    return NODE_CID_PREFIX + hashlib.sha256(block).digest()
+    return NODE_CID_PREFIX + _sha256(block).digest()
 
 
 def cid_to_str(cid: bytes) -> str:
@@ -97,42 +94,48 @@ def cid_to_str(cid: bytes) -> str:
         return cid.hex()
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One key of a node, its record CID, and the subtree of keys between it and the next entry."""
-
-    key: bytes
-    value: bytes
-    right: Subtree
-
-
-@dataclass(slots=True)
 class Node:
     """One MST node at ``layer``. Never changed after creation, so its CID can be cached.
 
-    ``cid`` is the CID the node was loaded from, or None until ``Mst`` encodes it.
+    Entry ``i`` is ``keys[i]`` (the full key), ``values[i]`` (its record CID) and ``rights[i]``
+    (the subtree of keys between it and the next entry). Nodes share these lists with the nodes
+    they were derived from, so no code changes a list in place after a node references it. ``cid`` is
+    the CID the node was loaded from, or None until ``Mst`` encodes it. ``prefixes``, when not
+    None, is the length each key shares with the one before it; nodes that keep the ``keys`` of
+    a loaded node keep these too, so encoding them need not compare keys again.
     """
 
-    layer: int
-    left: Subtree
-    entries: tuple[Entry, ...]
-    cid: bytes | None = field(default=None, compare=False)
+    __slots__ = ("layer", "left", "keys", "values", "rights", "cid", "prefixes")
+
+    def __init__(
+        self,
+        layer: int,
+        left: Subtree,
+        keys: list[bytes],
+        values: list[bytes],
+        rights: list[Subtree],
+        cid: bytes | None = None,
+        prefixes: list[int] | None = None,
+    ) -> None:
+        self.layer = layer
+        self.left = left
+        self.keys = keys
+        self.values = values
+        self.rights = rights
+        self.cid = cid
+        self.prefixes = prefixes
 
     def gap(self, index: int) -> Subtree:
         """Return the subtree before entry ``index`` (``left`` for 0, else the previous entry's right)."""
-        return self.left if index == 0 else self.entries[index - 1].right
+        return self.left if index == 0 else self.rights[index - 1]
 
     def with_gap(self, index: int, subtree: Subtree) -> Node:
         """Return a copy whose gap ``index`` points at ``subtree``."""
         if index == 0:
-            return Node(self.layer, subtree, self.entries)
-        entries = list(self.entries)
-        previous = entries[index - 1]
-        entries[index - 1] = Entry(previous.key, previous.value, subtree)
-        return Node(self.layer, self.left, tuple(entries))
-
-    def keys(self) -> list[bytes]:
-        return [entry.key for entry in self.entries]
+            return Node(self.layer, subtree, self.keys, self.values, self.rights, None, self.prefixes)
+        rights = self.rights.copy()
+        rights[index - 1] = subtree
+        return Node(self.layer, self.left, self.keys, self.values, rights, None, self.prefixes)
 
 
 # A pointer to a subtree: a node in memory, the CID of a node not loaded yet, or None when empty.
@@ -141,7 +144,7 @@ Subtree = Node | bytes | None
 
 def _nonempty(node: Node) -> Node | None:
     """Return None for a node with neither entries nor a left subtree, which must not exist."""
-    if not node.entries and node.left is None:
+    if not node.keys and node.left is None:
         return None
     return node
 
@@ -152,8 +155,11 @@ def _wrap(subtree: Subtree, layer: int, target_layer: int) -> Subtree:
         return None
     while layer < target_layer:
         layer += 1
-        subtree = Node(layer, subtree, ())
+        subtree = Node(layer, subtree, [], [], [])
     return subtree
+
+
+# Encoding.
 
 
 def _encode_head(major: int, value: int) -> bytes:
@@ -169,11 +175,75 @@ def _encode_head(major: int, value: int) -> bytes:
     return bytes([major << 5 | 27]) + value.to_bytes(8, "big")
 
 
+# Precomputed parts for the common case: a key of at most MAX_KEY_LENGTH bytes and links to
+# 36-byte CIDs (every CIDv1 with a SHA-256 digest). Other entries go through _encode_entry.
+# An entry is a 4-item map whose first field "k" is a byte string, so its opening depends only on
+# the suffix length.
+_ENTRY_OPENINGS = tuple(b"\xa4\x61k" + _encode_head(2, size) for size in range(MAX_KEY_LENGTH + 1))
+_PREFIX_FIELDS = tuple(b"\x61p" + _encode_head(0, size) for size in range(MAX_KEY_LENGTH + 1))
+# Tag 42 and the head of a 37-byte string: the 0x00 multibase prefix and a 36-byte CID.
+_LINK_HEAD_36 = b"\xd8\x2a\x58\x25\x00"
+_T_NULL = b"\x61t\xf6"
+_T_LINK_36 = b"\x61t" + _LINK_HEAD_36
+_V_LINK_36 = b"\x61v" + _LINK_HEAD_36
+
+
 def _encode_link(cid: bytes | None) -> bytes:
     """Encode a CID link (tag 42 over 0x00 + binary CID), or CBOR null for None."""
     if cid is None:
         return b"\xf6"
+    if len(cid) == 36:
+        return _LINK_HEAD_36 + cid
     return b"\xd8\x2a" + _encode_head(2, len(cid) + 1) + b"\x00" + cid
+
+
+def _encode_entry(suffix: bytes, prefix: int, value: bytes, right: bytes | None) -> bytes:
+    """Encode one entry map of any size. Map keys are in DAG-CBOR order: k, p, t, v."""
+    return b"".join((
+        b"\xa4\x61k", _encode_head(2, len(suffix)), suffix,
+        b"\x61p", _encode_head(0, prefix),
+        b"\x61t", _encode_link(right),
+        b"\x61v", _encode_link(value),
+    ))
+
+
+def _prefix_lengths(keys: list[bytes]) -> list[int]:
+    """Return the length each key shares with the key before it (0 for the first)."""
+    prefixes = []
+    previous = b""
+    for key in keys:
+        # common_prefix_length, inlined because this runs for every key of most changed nodes.
+        limit = min(len(previous), len(key))
+        difference = int.from_bytes(previous[:limit], "big") ^ int.from_bytes(key[:limit], "big")
+        prefixes.append(limit - (difference.bit_length() + 7) // 8)
+        previous = key
+    return prefixes
+
+
+def _encode(
+    left: bytes | None,
+    keys: list[bytes],
+    prefixes: list[int] | None,
+    values: list[bytes],
+    rights: list[bytes | None],
+) -> bytes:
+    """Encode one node from its left CID and parallel lists of keys, shared prefix lengths (None
+    to compute them), record CIDs and right CIDs."""
+    if prefixes is None:
+        prefixes = _prefix_lengths(keys)
+    parts = [b"\xa2\x61e", _encode_head(4, len(keys))]
+    for key, prefix, value, right in zip(keys, prefixes, values, rights):
+        suffix = key[prefix:]
+        if len(key) <= MAX_KEY_LENGTH and len(value) == 36:
+            if right is None:
+                parts += (_ENTRY_OPENINGS[len(suffix)], suffix, _PREFIX_FIELDS[prefix], _T_NULL, _V_LINK_36, value)
+                continue
+            if len(right) == 36:
+                parts += (_ENTRY_OPENINGS[len(suffix)], suffix, _PREFIX_FIELDS[prefix], _T_LINK_36, right, _V_LINK_36, value)
+                continue
+        parts.append(_encode_entry(suffix, prefix, value, right))
+    parts += (b"\x61l", _encode_link(left))
+    return b"".join(parts)
 
 
 def encode_node(left: bytes | None, entries: list[tuple[bytes, bytes, bytes | None]]) -> bytes:
@@ -183,56 +253,133 @@ def encode_node(left: bytes | None, entries: list[tuple[bytes, bytes, bytes | No
     rather than with ``libipld.encode_dag_cbor`` because libipld 3.5 encodes any byte string that
     parses as a CID as a link, and key suffixes are byte strings.
     """
-    parts = [b"\xa2", b"\x61e", _encode_head(4, len(entries))]
-    previous_key = b""
-    for key, value, right in entries:
-        prefix = common_prefix_length(previous_key, key)
-        suffix = key[prefix:]
-        # Map keys in DAG-CBOR order: k, p, t, v.
-        parts.append(b"\xa4\x61k")
-        parts.append(_encode_head(2, len(suffix)) + suffix)
-        parts.append(b"\x61p" + _encode_head(0, prefix))
-        parts.append(b"\x61t" + _encode_link(right))
-        parts.append(b"\x61v" + _encode_link(value))
-        previous_key = key
-    parts.append(b"\x61l" + _encode_link(left))
-    return b"".join(parts)
+    keys = [key for key, _, _ in entries]
+    values = [value for _, value, _ in entries]
+    rights = [right for _, _, right in entries]
+    return _encode(left, keys, None, values, rights)
 
 
-def _decode_entries(cid: bytes, raw_entries: object) -> list[tuple[bytes, bytes, bytes | None]]:
-    """Expand the prefix-compressed entries of the node block ``cid`` into full keys."""
-    if not isinstance(raw_entries, list):
+# Decoding.
+
+
+def _height_bounds(height: int) -> tuple[bytes, bytes]:
+    """Return ``(low, high)``: the SHA-256 digests of keys at ``height`` are those with low <= digest < high."""
+    # Height h means 2h or 2h + 1 leading zero bits: 2**(254 - 2h) <= digest < 2**(256 - 2h).
+    low = (1 << (254 - 2 * height)).to_bytes(32, "big") if height < 128 else bytes(32)
+    # Every 32-byte digest sorts before 33 bytes of 0xff, so height 0 has no upper bound.
+    high = (1 << (256 - 2 * height)).to_bytes(32, "big") if height > 0 else b"\xff" * 33
+    return low, high
+
+
+# Comparing digests as bytes with these bounds checks a key's height without converting to int.
+_HEIGHT_BOUNDS = tuple(_height_bounds(height) for height in range(129))
+
+
+def _decode_entries(
+    cid: bytes, raw_entries: list, layer: int | None
+) -> tuple[int, list[bytes], list[int], list[bytes], list[bytes | None]]:
+    """Expand the prefix-compressed entries of the node block ``cid`` into full keys.
+
+    Returns the layer (for ``layer`` None, the height of the first key, or 0 without keys) and
+    parallel lists of keys, shared prefix lengths, record CIDs and right subtree CIDs. Raises
+    InvalidNodeError on a malformed entry, keys out of order, a shared prefix that is not maximal
+    (which would re-encode to another CID, so the tree would not be canonical), or a key whose
+    height is not the layer.
+    """
+    if layer is None:
+        first = raw_entries[0] if raw_entries and type(raw_entries[0]) is dict else {}
+        layer = key_height(first["k"]) if type(first.get("k")) is bytes and first.get("p") == 0 else 0
+    low, high = _HEIGHT_BOUNDS[layer] if 0 <= layer <= 128 else (b"\xff" * 33, b"")
+    keys: list[bytes] = []
+    prefixes: list[int] = []
+    values: list[bytes] = []
+    rights: list[bytes | None] = []
+    previous = b""
+    raw: object = None
+    try:
+        for raw in raw_entries:
+            # Four fields, all found below (else KeyError), means exactly k, p, t and v.
+            if type(raw) is not dict or len(raw) != 4:
+                raise KeyError
+            prefix, suffix, value, right = raw["p"], raw["k"], raw["v"], raw["t"]
+            if type(prefix) is not int or type(suffix) is not bytes or type(value) is not bytes:
+                raise InvalidNodeError(f"MST node {cid_to_str(cid)}: entry has wrongly typed p, k or v: {raw!r}")
+            if right is not None and type(right) is not bytes:
+                raise InvalidNodeError(f"MST node {cid_to_str(cid)}: entry 't' is not a link: {right!r}")
+            # The key must sort after the previous one and share exactly ``prefix`` bytes with it:
+            # either it extends the whole previous key, or its first differing byte is the greater one.
+            if prefix == len(previous) and suffix:
+                key = previous + suffix
+            elif 0 <= prefix < len(previous) and suffix and suffix[0] > previous[prefix]:
+                key = previous[:prefix] + suffix
+            else:
+                _reject_entry(cid, previous, prefix, suffix)
+            if len(key) > MAX_KEY_LENGTH:
+                raise InvalidNodeError(f"MST node {cid_to_str(cid)}: key length {len(key)} outside 1..{MAX_KEY_LENGTH}")
+            if not low <= _sha256(key).digest() < high:
+                raise InvalidNodeError(f"MST node {cid_to_str(cid)}: key {key!r} does not belong on layer {layer}")
+            keys.append(key)
+            prefixes.append(prefix)
+            values.append(value)
+            rights.append(right)
+            previous = key
+    except KeyError:
+        raise InvalidNodeError(f"MST node {cid_to_str(cid)}: entry must have exactly k, p, t, v: {raw!r}") from None
+    return layer, keys, prefixes, values, rights
+
+
+def _reject_entry(cid: bytes, previous: bytes, prefix: int, suffix: bytes) -> None:
+    """Raise InvalidNodeError saying why an entry's key does not follow ``previous``."""
+    if not 0 <= prefix <= len(previous):
+        raise InvalidNodeError(f"MST node {cid_to_str(cid)}: prefix length {prefix} exceeds previous key")
+    key = previous[:prefix] + suffix
+    if not key:
+        raise InvalidNodeError(f"MST node {cid_to_str(cid)}: key length 0 outside 1..{MAX_KEY_LENGTH}")
+    raise InvalidNodeError(f"MST node {cid_to_str(cid)}: keys out of order or prefix not maximal at {key!r}")
+
+
+def decode_node(cid: bytes, block: bytes | None, layer: int | None) -> Node:
+    """Decode and check the node block ``cid`` (None when absent); ``layer`` None means it is the root.
+
+    Raises MissingBlockError for an absent block. Raises InvalidNodeError when the block does not
+    hash to ``cid``, is not a node, or breaks a structure rule: key order, maximal prefixes, every
+    key on ``layer``, no subtrees below layer 0, and no empty node below the root.
+    """
+    if block is None:
+        raise MissingBlockError(cid)
+    if NODE_CID_PREFIX + _sha256(block).digest() != cid:
+        raise InvalidNodeError(f"MST node block does not hash to its CID {cid_to_str(cid)}")
+    try:
+        raw = libipld.decode_dag_cbor(block)
+    except (ValueError, RecursionError) as error:
+        raise InvalidNodeError(f"MST node {cid_to_str(cid)} is not valid DAG-CBOR: {error}") from error
+    if type(raw) is not dict or raw.keys() != _NODE_FIELDS:
+        raise InvalidNodeError(f"MST node {cid_to_str(cid)} must be a map of exactly 'e' and 'l'")
+    left, raw_entries = raw["l"], raw["e"]
+    if left is not None and type(left) is not bytes:
+        raise InvalidNodeError(f"MST node {cid_to_str(cid)}: 'l' is not a link: {left!r}")
+    if type(raw_entries) is not list:
         raise InvalidNodeError(f"MST node {cid_to_str(cid)}: 'e' is not a list")
-    entries = []
-    previous_key = b""
-    for raw in raw_entries:
-        if not isinstance(raw, dict) or set(raw) != {"k", "p", "t", "v"}:
-            raise InvalidNodeError(f"MST node {cid_to_str(cid)}: entry must have exactly k, p, t, v: {raw!r}")
-        prefix, suffix, value, right = raw["p"], raw["k"], raw["v"], raw["t"]
-        if not isinstance(prefix, int) or not isinstance(suffix, bytes) or not isinstance(value, bytes):
-            raise InvalidNodeError(f"MST node {cid_to_str(cid)}: entry has wrongly typed p, k or v: {raw!r}")
-        if right is not None and not isinstance(right, bytes):
-            raise InvalidNodeError(f"MST node {cid_to_str(cid)}: entry 't' is not a link: {right!r}")
-        if not 0 <= prefix <= len(previous_key):
-            raise InvalidNodeError(f"MST node {cid_to_str(cid)}: prefix length {prefix} exceeds previous key")
-        key = previous_key[:prefix] + suffix
-        # A non-maximal prefix would re-encode to another CID, so the tree would not be canonical.
-        if entries and (key <= previous_key or common_prefix_length(previous_key, key) != prefix):
-            raise InvalidNodeError(f"MST node {cid_to_str(cid)}: keys out of order or prefix not maximal at {key!r}")
-        if not key or len(key) > MAX_KEY_LENGTH:
-            raise InvalidNodeError(f"MST node {cid_to_str(cid)}: key length {len(key)} outside 1..{MAX_KEY_LENGTH}")
-        entries.append((key, value, right))
-        previous_key = key
-    return entries
+    is_root = layer is None
+    layer, keys, prefixes, values, rights = _decode_entries(cid, raw_entries, layer)
+    if not keys and left is None and not is_root:
+        raise InvalidNodeError(f"MST node {cid_to_str(cid)} below the root is empty; an empty subtree must be null")
+    if layer == 0:
+        if rights.count(None) != len(rights):
+            raise InvalidNodeError(f"MST node {cid_to_str(cid)} on layer 0 has a subtree")
+        if left is not None:
+            raise InvalidNodeError(f"MST node {cid_to_str(cid)} on layer 0 has a left subtree")
+    return Node(layer, left, keys, values, rights, cid, prefixes)
 
 
 class Mst:
     """An MST over a block mapping, loaded lazily and edited in memory.
 
-    Edits replace the nodes on the path they touch with new in-memory nodes; untouched subtrees
-    stay as CIDs. ``blocks`` is only read. Every loaded block is checked to hash to its CID and to
-    follow the structure rules (key order, layers, maximal prefixes), so an edit on a tampered
-    tree fails with ``InvalidNodeError`` instead of producing a meaningless root.
+    Edits replace the nodes on the path they touch with new in-memory nodes. Untouched subtrees
+    stay as CIDs, and ``root_cid`` encodes and hashes only the new nodes. ``blocks`` is only read.
+    Every node that an edit or lookup reaches is decoded and checked by ``decode_node`` once, then
+    kept for later edits. So an edit on a tampered tree fails with ``InvalidNodeError`` instead of
+    producing a meaningless root. ``items`` does not keep the nodes it walks.
     """
 
     def __init__(self, blocks: Mapping[bytes, bytes] | None = None) -> None:
@@ -240,17 +387,19 @@ class Mst:
         self._blocks: Mapping[bytes, bytes] = blocks if blocks is not None else {}
         self._root: Subtree = None
         self._root_layer = 0
+        self._loaded: dict[bytes, Node] = {}
 
     @classmethod
     def load(cls, root_cid: bytes, blocks: Mapping[bytes, bytes]) -> Mst:
         """Return the tree whose root node is ``root_cid``; raises MstError if the root is unusable."""
         tree = cls(blocks)
-        root = tree._load_node(root_cid, layer=None)
-        if not root.entries and root.left is not None:
+        root = decode_node(root_cid, blocks.get(root_cid), layer=None)
+        if not root.keys and root.left is not None:
             raise InvalidNodeError(
                 f"MST root {cid_to_str(root_cid)} has no entries but a left subtree; a root is always trimmed"
             )
-        if root.entries:
+        if root.keys:
+            tree._loaded[root_cid] = root
             tree._root = root
             tree._root_layer = root.layer
         return tree
@@ -265,51 +414,33 @@ class Mst:
 
     # Reading.
 
-    def _load_node(self, cid: bytes, layer: int | None) -> Node:
-        """Decode and check the node block ``cid``; ``layer`` None means it is the root."""
-        block = self._blocks.get(cid)
-        if block is None:
-            raise MissingBlockError(cid)
-        if not cid.startswith(NODE_CID_PREFIX) or node_cid(block) != cid:
-            raise InvalidNodeError(f"MST node block does not hash to its CID {cid_to_str(cid)}")
-        try:
-            raw = libipld.decode_dag_cbor(block)
-        except (ValueError, RecursionError) as error:
-            raise InvalidNodeError(f"MST node {cid_to_str(cid)} is not valid DAG-CBOR: {error}") from error
-        if not isinstance(raw, dict) or set(raw) != {"e", "l"}:
-            raise InvalidNodeError(f"MST node {cid_to_str(cid)} must be a map of exactly 'e' and 'l'")
-        left = raw["l"]
-        if left is not None and not isinstance(left, bytes):
-            raise InvalidNodeError(f"MST node {cid_to_str(cid)}: 'l' is not a link: {left!r}")
-        entries = _decode_entries(cid, raw["e"])
-        if layer is None:
-            layer = key_height(entries[0][0]) if entries else 0
-        for key, _, right in entries:
-            if key_height(key) != layer:
-                raise InvalidNodeError(f"MST node {cid_to_str(cid)}: key {key!r} does not belong on layer {layer}")
-            if layer == 0 and right is not None:
-                raise InvalidNodeError(f"MST node {cid_to_str(cid)} on layer 0 has a subtree")
-        if layer == 0 and left is not None:
-            raise InvalidNodeError(f"MST node {cid_to_str(cid)} on layer 0 has a left subtree")
-        node_entries = tuple(Entry(key, value, right) for key, value, right in entries)
-        return Node(layer, left, node_entries, cid)
+    def _resolve(self, subtree: Subtree, layer: int, keep: bool = True) -> Node | None:
+        """Return the node that ``subtree`` points at, loading it when it is only a CID.
 
-    def _resolve(self, subtree: Subtree, layer: int) -> Node | None:
-        """Return the node that ``subtree`` points at, loading it when it is only a CID."""
-        if subtree is None or isinstance(subtree, Node):
+        ``keep`` False does not add a newly loaded node to the nodes kept for later edits.
+        """
+        if subtree is None or type(subtree) is Node:
             return subtree
-        if layer < 0:
-            raise InvalidNodeError(f"MST node on layer 0 points below it, at {cid_to_str(subtree)}")
-        return self._load_node(subtree, layer)
+        node = self._loaded.get(subtree)
+        if node is None:
+            if layer < 0:
+                raise InvalidNodeError(f"MST node on layer 0 points below it, at {cid_to_str(subtree)}")
+            node = decode_node(subtree, self._blocks.get(subtree), layer)
+            if keep:
+                self._loaded[subtree] = node
+        elif node.layer != layer:
+            # A valid tree contains each node once, so one CID reached on two layers means a forged tree.
+            raise InvalidNodeError(f"MST node {cid_to_str(subtree)} is linked on layers {node.layer} and {layer}")
+        return node
 
     def get(self, key: bytes) -> bytes | None:
         """Return the record CID stored at ``key``, or None when the key is absent."""
         node = self._resolve(self._root, self._root_layer)
         while node is not None:
-            keys = node.keys()
+            keys = node.keys
             index = bisect_left(keys, key)
             if index < len(keys) and keys[index] == key:
-                return node.entries[index].value
+                return node.values[index]
             node = self._resolve(node.gap(index), node.layer - 1)
         return None
 
@@ -318,13 +449,14 @@ class Mst:
         yield from self._walk(self._root, self._root_layer)
 
     def _walk(self, subtree: Subtree, layer: int) -> Iterator[tuple[bytes, bytes]]:
-        node = self._resolve(subtree, layer)
+        # keep=False: a whole repo's nodes would otherwise stay in memory until the tree is dropped.
+        node = self._resolve(subtree, layer, keep=False)
         if node is None:
             return
         yield from self._walk(node.left, layer - 1)
-        for entry in node.entries:
-            yield entry.key, entry.value
-            yield from self._walk(entry.right, layer - 1)
+        for key, value, right in zip(node.keys, node.values, node.rights):
+            yield key, value
+            yield from self._walk(right, layer - 1)
 
     # Editing.
 
@@ -333,31 +465,36 @@ class Mst:
         height = key_height(key)
         root = self._resolve(self._root, self._root_layer)
         if root is None:
-            self._root = Node(height, None, (Entry(key, value, None),))
+            self._root = Node(height, None, [key], [value], [None])
             self._root_layer = height
         elif height > root.layer:
             # The new key becomes the only entry of a new, higher root, splitting the old tree.
             below, above = self._split(root, root.layer, key)
             below = _wrap(below, root.layer, height - 1)
             above = _wrap(above, root.layer, height - 1)
-            self._root = Node(height, below, (Entry(key, value, above),))
+            self._root = Node(height, below, [key], [value], [above])
             self._root_layer = height
         else:
             self._root = self._insert(root, key, value, height)
 
     def _insert(self, node: Node, key: bytes, value: bytes, height: int) -> Node:
-        keys = node.keys()
+        keys = node.keys
         index = bisect_left(keys, key)
         if index < len(keys) and keys[index] == key:
             raise KeyStateError(f"cannot insert {key!r}: the key is already in the MST")
         if height == node.layer:
             below, above = self._split(node.gap(index), node.layer - 1, key)
-            entries = list(node.entries)
-            entries.insert(index, Entry(key, value, above))
-            return Node(node.layer, node.left, tuple(entries)).with_gap(index, below)
+            left = node.left
+            rights = node.rights[:index] + [above] + node.rights[index:]
+            if index == 0:
+                left = below
+            else:
+                rights[index - 1] = below
+            values = node.values[:index] + [value] + node.values[index:]
+            return Node(node.layer, left, keys[:index] + [key] + keys[index:], values, rights)
         child = self._resolve(node.gap(index), node.layer - 1)
         if child is None:
-            leaf = Node(height, None, (Entry(key, value, None),))
+            leaf = Node(height, None, [key], [value], [None])
             return node.with_gap(index, _wrap(leaf, height, node.layer - 1))
         return node.with_gap(index, self._insert(child, key, value, height))
 
@@ -366,13 +503,18 @@ class Mst:
         node = self._resolve(subtree, layer)
         if node is None:
             return None, None
-        keys = node.keys()
+        keys = node.keys
         index = bisect_left(keys, key)
         if index < len(keys) and keys[index] == key:
             raise KeyStateError(f"cannot insert {key!r}: the key is already in the MST")
         gap_below, gap_above = self._split(node.gap(index), layer - 1, key)
-        below = Node(layer, node.left, node.entries[:index]).with_gap(index, gap_below)
-        above = Node(layer, gap_above, node.entries[index:])
+        if index == 0:
+            below = Node(layer, gap_below, [], [], [])
+        else:
+            rights = node.rights[:index]
+            rights[-1] = gap_below
+            below = Node(layer, node.left, keys[:index], node.values[:index], rights)
+        above = Node(layer, gap_above, keys[index:], node.values[index:], node.rights[index:])
         return _nonempty(below), _nonempty(above)
 
     def update(self, key: bytes, value: bytes) -> bytes:
@@ -384,13 +526,12 @@ class Mst:
         return previous
 
     def _update(self, node: Node, key: bytes, value: bytes) -> tuple[Node, bytes]:
-        keys = node.keys()
+        keys = node.keys
         index = bisect_left(keys, key)
         if index < len(keys) and keys[index] == key:
-            entries = list(node.entries)
-            previous = entries[index]
-            entries[index] = Entry(key, value, previous.right)
-            return Node(node.layer, node.left, tuple(entries)), previous.value
+            values = node.values.copy()
+            values[index] = value
+            return Node(node.layer, node.left, keys, values, node.rights, None, node.prefixes), node.values[index]
         child = self._resolve(node.gap(index), node.layer - 1)
         if child is None:
             raise KeyStateError(f"cannot update {key!r}: the key is not in the MST")
@@ -405,7 +546,7 @@ class Mst:
         new_root, previous = self._delete(root, key)
         # Trim entry-less nodes off the top: the root always contains at least one key.
         layer = root.layer
-        while new_root is not None and not new_root.entries:
+        while new_root is not None and not new_root.keys:
             layer -= 1
             new_root = self._resolve(new_root.left, layer)
         self._root = new_root
@@ -413,13 +554,19 @@ class Mst:
         return previous
 
     def _delete(self, node: Node, key: bytes) -> tuple[Node | None, bytes]:
-        keys = node.keys()
+        keys = node.keys
         index = bisect_left(keys, key)
         if index < len(keys) and keys[index] == key:
-            removed = node.entries[index]
-            merged = self._merge(node.gap(index), removed.right, node.layer - 1)
-            entries = node.entries[:index] + node.entries[index + 1 :]
-            return _nonempty(Node(node.layer, node.left, entries).with_gap(index, merged)), removed.value
+            merged = self._merge(node.gap(index), node.rights[index], node.layer - 1)
+            left = node.left
+            rights = node.rights[:index] + node.rights[index + 1 :]
+            if index == 0:
+                left = merged
+            else:
+                rights[index - 1] = merged
+            values = node.values[:index] + node.values[index + 1 :]
+            remaining = Node(node.layer, left, keys[:index] + keys[index + 1 :], values, rights)
+            return _nonempty(remaining), node.values[index]
         child = self._resolve(node.gap(index), node.layer - 1)
         if child is None:
             raise KeyStateError(f"cannot delete {key!r}: the key is not in the MST")
@@ -434,24 +581,30 @@ class Mst:
             return below
         low = self._resolve(below, layer)
         high = self._resolve(above, layer)
-        assert low is not None and high is not None
-        seam = self._merge(low.gap(len(low.entries)), high.left, layer - 1)
-        joined = Node(layer, low.left, low.entries + high.entries)
-        return joined.with_gap(len(low.entries), seam)
+        assert low is not None and high is not None  # only None resolves to None
+        count = len(low.keys)
+        seam = self._merge(low.gap(count), high.left, layer - 1)
+        left = low.left
+        rights = low.rights + high.rights
+        if count == 0:
+            left = seam
+        else:
+            rights[count - 1] = seam
+        return Node(layer, left, low.keys + high.keys, low.values + high.values, rights)
 
     # Encoding.
 
     def root_cid(self) -> bytes:
         """Return the CID of the root node (of an empty node when the tree is empty)."""
         if self._root is None:
-            return node_cid(encode_node(None, []))
+            return node_cid(_encode(None, [], None, [], []))
         return self._subtree_cid(self._root, None)
 
     def encoded_blocks(self) -> dict[bytes, bytes]:
         """Return ``cid -> block bytes`` for every node held in memory (loaded or new)."""
         blocks: dict[bytes, bytes] = {}
         if self._root is None:
-            empty = encode_node(None, [])
+            empty = _encode(None, [], None, [], [])
             blocks[node_cid(empty)] = empty
         else:
             self._subtree_cid(self._root, blocks)
@@ -462,13 +615,16 @@ class Mst:
 
         With a ``sink``, every in-memory node is encoded and added to it, known CID or not.
         """
-        if subtree is None or isinstance(subtree, bytes):
+        if subtree is None or type(subtree) is bytes:
             return subtree
         if subtree.cid is not None and sink is None:
             return subtree.cid
         left = self._subtree_cid(subtree.left, sink)
-        entries = [(entry.key, entry.value, self._subtree_cid(entry.right, sink)) for entry in subtree.entries]
-        block = encode_node(left, entries)
+        rights = [
+            right if right is None or type(right) is bytes else self._subtree_cid(right, sink)
+            for right in subtree.rights
+        ]
+        block = _encode(left, subtree.keys, subtree.prefixes, subtree.values, rights)
         subtree.cid = node_cid(block)
         if sink is not None:
             sink[subtree.cid] = block

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import tarfile
 from itertools import permutations
 
 import libipld
@@ -217,3 +218,59 @@ def test_node_on_wrong_layer_is_invalid():
     block = encode_node(None, [(b"A0/374913", leaf, leaf)])
     with pytest.raises(InvalidNodeError, match="layer 0 has a subtree"):
         Mst.load(node_cid(block), {node_cid(block): block})
+
+
+def test_empty_inner_node_is_invalid():
+    fixture = proof_fixtures()[0]
+    leaf = cid_bytes(fixture["leafValue"])
+    # An empty subtree is written as null, so a node with no entries and no left link cannot sit below the root.
+    empty = encode_node(None, [])
+    root = encode_node(node_cid(empty), [(b"A1/076595", leaf, None)])
+    blocks = {node_cid(empty): empty, node_cid(root): root}
+    tree = Mst.load(node_cid(root), blocks)
+    with pytest.raises(InvalidNodeError, match="below the root is empty"):
+        list(tree.items())
+
+
+def suite_diff_cases(stride: int) -> list[dict]:
+    """Return every ``stride``-th mst-diff case of mst-test-suite, in archive order."""
+    cases = []
+    # Read in one pass: seeking back in a gzip stream would decompress it again from the start.
+    with tarfile.open(fixture_path("mst-test-suite/tests-diff.tar.gz"), mode="r|gz") as archive:
+        index = 0
+        for member in archive:
+            if not member.name.endswith(".json"):
+                continue
+            if index % stride == 0:
+                cases.append(json.load(archive.extractfile(member)))
+            index += 1
+    return cases
+
+
+def test_suite_inductive_proofs_invert():
+    # The suite's inductive proof is the set of nodes that undoing b's ops, in reverse order, needs.
+    cars: dict[str, tuple[bytes, dict[bytes, bytes]]] = {}
+    checked = 0
+    for case in suite_diff_cases(stride=5):
+        for name in ("mst_a", "mst_b"):
+            path = case["inputs"][name]
+            if path not in cars:
+                cars[path] = car_blocks(fixture_path(f"mst-test-suite/{path.removeprefix('./')}").read_bytes())
+        root_before, _ = cars[case["inputs"]["mst_a"]]
+        root_after, blocks_after = cars[case["inputs"]["mst_b"]]
+        ops = case["results"]["record_ops"]
+        if not ops:
+            continue
+        proof = {cid_bytes(cid): blocks_after[cid_bytes(cid)] for cid in case["results"]["inductive_proof_nodes"]}
+        tree = Mst.load(root_after, proof)
+        for op in reversed(ops):
+            key = op["rpath"].encode()
+            if op["old_value"] is None:
+                tree.delete(key)
+            elif op["new_value"] is None:
+                tree.insert(key, cid_bytes(op["old_value"]))
+            else:
+                tree.update(key, cid_bytes(op["old_value"]))
+        assert tree.root_cid() == root_before, case["description"]
+        checked += 1
+    assert checked > 3000
