@@ -187,22 +187,26 @@ def verify_commit_proof(
 
 def _invert(tree: Mst, op: ProofOp) -> None:
     """Undo one op on ``tree``; raises KeyStateError when the tree contradicts the op."""
-    current = tree.get(op.key)
+    # Each edit returns or checks the key's current CID, so no separate lookup walks the path.
     if op.action == "delete":
-        if current is not None:
-            raise KeyStateError(f"delete of {op.key!r}, but the new MST still contains it")
         assert op.prev is not None  # checked by _proof_op
-        tree.insert(op.key, op.prev)
+        try:
+            tree.insert(op.key, op.prev)
+        except KeyStateError:
+            raise KeyStateError(f"delete of {op.key!r}, but the new MST still contains it") from None
         return
     assert op.cid is not None  # checked by _proof_op
+    try:
+        if op.action == "create":
+            current = tree.delete(op.key)
+        else:
+            assert op.prev is not None  # checked by _proof_op
+            current = tree.update(op.key, op.prev)
+    except KeyStateError:
+        current = None
     if current != op.cid:
         found = cid_to_str(current) if current is not None else "nothing"
         raise KeyStateError(f"{op.action} of {op.key!r} to {cid_to_str(op.cid)}, but the new MST contains {found}")
-    if op.action == "create":
-        tree.delete(op.key)
-    else:
-        assert op.prev is not None  # checked by _proof_op
-        tree.update(op.key, op.prev)
 
 
 def _proof_op(op: RecordOp | Mapping[str, Any], require_prev: bool = True) -> ProofOp:
@@ -247,6 +251,14 @@ def _cid_bytes(value: bytes | str | None, name: str) -> bytes:
     if isinstance(value, bytes):
         return value
     if isinstance(value, str) and value.startswith("b"):
+        # libipld decodes in Rust, far faster than the pure-Python base64.b32decode. It reads only
+        # lowercase base32, so other text takes the path below, which also words the error.
+        try:
+            base, cid = libipld.decode_multibase(value)
+        except ValueError:
+            base = None
+        if base == "b":
+            return cid
         text = value[1:].upper()
         try:
             return base64.b32decode(text + "=" * (-len(text) % 8))
