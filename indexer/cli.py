@@ -196,13 +196,29 @@ def prepare_database(database_url: str | None, migrate: bool) -> db.Database:
     database = db.open_database(database_url, announce=announce)
     db.create_engine(database).dispose()
     if migrate:
+        before = db.current_revision(database.url)
         db.upgrade(database.url)
+        after = db.current_revision(database.url)
+        if before != after:
+            log.info(f"database schema migrated from {before or 'empty'} to {after}",
+                     extra={"database": database.display_url})
     elif db.current_revision(database.url) != db.head_revision():
         raise ConfigError(
             f"the database schema is at revision {db.current_revision(database.url) or 'none'}, not "
             f"{db.head_revision()}: run `indexer db upgrade` or drop --no-migrate"
         )
     return database
+
+
+def validate_stream_urls(settings) -> None:
+    """Raise ConfigError for a bad relay or labeler URL before anything starts (such as the database)."""
+    from indexer.ingest import LABELS_METHOD, REPOS_METHOD
+    from indexer.stream import endpoint_url
+
+    if settings.relay:
+        endpoint_url(settings.relay, REPOS_METHOD)
+    for labeler in settings.labelers:
+        endpoint_url(labeler, LABELS_METHOD)
 
 
 @app.command("run")
@@ -276,6 +292,7 @@ def run(
     )
     if settings.relay is None and not settings.labelers:
         raise ConfigError("nothing to index: --no-repos and --no-labels were both given")
+    validate_stream_urls(settings)
     database = prepare_database(database_url, migrate=not no_migrate)
     indexers = build_indexers(database.url, settings)
     background = []
@@ -315,7 +332,8 @@ def status(
     if json_output:
         typer.echo(json.dumps(result.to_json(), indent=2))
     else:
-        print_status(result, Console())
+        # Piped output would otherwise be cut at rich's default of 80 columns.
+        print_status(result, Console() if sys.stdout.isatty() else Console(width=200))
 
 
 ReasonOption = Annotated[Optional[str], typer.Option(
