@@ -429,9 +429,12 @@ VIEW_CLOCK = "COALESCE(NULLIF(current_setting('indexer.now', true), '')::timesta
 # Views are not SQLAlchemy tables; migrations create them from this SQL.
 VIEWS: dict[str, str] = {
     "current_labels": f"""
-SELECT id, endpoint, seq, ver, src, uri, subject_did, cid, val, cts_raw, cts, exp_raw, exp, sig, received_at
+SELECT id, endpoint, seq, ver, src, uri, subject_did, cid, val, cts_raw, cts, exp_raw, exp, sig, received_at,
+       verified, verify_reason
 FROM (
-    SELECT DISTINCT ON (src, uri, val) *
+    -- Explicit columns: with * the view would depend on every column of labels.
+    SELECT DISTINCT ON (src, uri, val) id, endpoint, seq, ver, src, uri, subject_did, cid, val, cts_raw, cts,
+           exp_raw, exp, sig, received_at, verified, verify_reason, neg
     FROM labels
     ORDER BY src, uri, val, cts DESC NULLS LAST, neg DESC, id DESC
 ) AS latest

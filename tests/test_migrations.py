@@ -56,3 +56,23 @@ def test_downgrade_base_then_upgrade_roundtrips(empty_database_url):
 
     db.upgrade(empty_database_url)
     assert _schema_differences(empty_database_url) == []
+
+
+def test_migrated_views_match_schema_sql(database_url):
+    """Each view made by the migrations has the definition written in indexer.schema.VIEWS."""
+    engine = db.create_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(sqlalchemy.text("CREATE SCHEMA expected_views"))
+            for name, sql in VIEWS.items():
+                connection.execute(sqlalchemy.text(f"CREATE VIEW expected_views.{name} AS {sql}"))
+            for name in VIEWS:
+                migrated = connection.execute(
+                    sqlalchemy.text("SELECT pg_get_viewdef(to_regclass(:name), true)"), {"name": f"public.{name}"}
+                ).scalar_one()
+                expected = connection.execute(
+                    sqlalchemy.text("SELECT pg_get_viewdef(to_regclass(:name), true)"), {"name": f"expected_views.{name}"}
+                ).scalar_one()
+                assert migrated == expected, name
+    finally:
+        engine.dispose()
