@@ -157,6 +157,7 @@ class StreamIndexer:
         self.stopping = False
         self.abandon = False  # set on a second signal: exit without committing the open batch
         self.reached_stop_seq = False
+        self.interval_failure: Exception | None = None  # what stopped the interval flush, raised by run()
 
     async def run(self) -> None:
         """Index until ``stop()`` is called or ``stop_at_seq`` is reached; commit what was received."""
@@ -175,11 +176,13 @@ class StreamIndexer:
         finally:
             timer.cancel()
             try:
-                if not self.abandon:
+                if not self.abandon and self.interval_failure is None:
                     await self.flush()
             finally:
                 if self.verifier is not None:
                     await self.verifier.aclose()
+        if self.interval_failure is not None:
+            raise self.interval_failure
         log.info("stream stopped", extra={"stream": self.endpoint, "cursor": self.committed})
 
     def stop(self) -> None:
@@ -223,14 +226,20 @@ class StreamIndexer:
         return self.committed
 
     async def _flush_on_interval(self) -> None:
-        while True:
-            await asyncio.sleep(self.batch_interval / 2)
-            started = self.batch_started
-            if started is not None and time.monotonic() - started >= self.batch_interval:
-                # Shielded: run() cancels this task on the way out, and a cancelled flush would release
-                # the write lock while its thread still writes, letting the final flush use the same
-                # connection at the same time.
-                await asyncio.shield(self.flush())
+        try:
+            while True:
+                await asyncio.sleep(self.batch_interval / 2)
+                started = self.batch_started
+                if started is not None and time.monotonic() - started >= self.batch_interval:
+                    # Shielded: run() cancels this task on the way out, and a cancelled flush would release
+                    # the write lock while its thread still writes, letting the final flush use the same
+                    # connection at the same time.
+                    await asyncio.shield(self.flush())
+        except Exception as error:
+            # Nobody awaits this task until run() ends, so a failed write (StoreError) would go unseen
+            # while the stream went on without committing. Closing the client ends run(), which raises it.
+            self.interval_failure = error
+            await self.client.aclose()
 
     async def _with_database(self, work: Callable[[], Any]) -> Any:
         """Run blocking database ``work`` in a thread, retrying while the database is unavailable."""

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from indexer import frames
+from indexer.errors import IndexerError
 from indexer.ingest import LABELS_METHOD, REPOS_METHOD, Filters, StreamIndexer
 from indexer.store import Store
 from indexer.stream import DEFAULT_MAX_MESSAGE_SIZE, StreamClient, endpoint_url
@@ -68,6 +69,16 @@ def _indexer(database_url: str, settings: RunSettings, base: str, method: str, d
                          stop_at_seq=settings.stop_at_seq, verifier=EventVerifier(settings.verify, database_url))
 
 
+class StreamsFailed(ExceptionGroup, IndexerError):
+    """The IndexerErrors that stopped ``run_streams``: an ExceptionGroup that is also an IndexerError.
+
+    Its text is that of the errors alone, so that the CLI can print it as one line.
+    """
+
+    def __str__(self) -> str:
+        return "; ".join(str(error) for error in self.exceptions)
+
+
 async def run_streams(indexers: list[StreamIndexer], background: Sequence[Callable[[], Awaitable]] = ()) -> None:
     """Run the indexers until a signal or a failure; commit what was received before returning.
 
@@ -103,6 +114,12 @@ async def run_streams(indexers: list[StreamIndexer], background: Sequence[Callab
         async with asyncio.TaskGroup() as group:
             for indexer in indexers:
                 group.create_task(_run_and_stop_others(indexer, indexers))
+    except ExceptionGroup as failures:
+        # Failures that are all IndexerErrors (FutureCursor, a refused write) are the user's to fix,
+        # and the CLI reports an IndexerError as one line. Anything else is a bug: its traceback stays.
+        if all(isinstance(error, IndexerError) for error in failures.exceptions):
+            raise StreamsFailed(failures.message, failures.exceptions) from None
+        raise
     finally:
         for task in extra_tasks:
             task.cancel()

@@ -273,6 +273,9 @@ class StoreError(IndexerError):
 # Errors caused by the values of one input (an invalid byte sequence, a value out of range, an index
 # row that is too large). Splitting the batch finds the input and dead-letters it.
 DATA_ERRORS = (psycopg.errors.DataError, psycopg.errors.ProgramLimitExceeded)
+# Errors that say the database refuses what we do (a privilege revoked, a read-only server). Retrying
+# cannot help, so they stop the process with StoreError after the first attempt.
+REFUSED_ERRORS = (psycopg.errors.InsufficientPrivilege, psycopg.errors.ReadOnlySqlTransaction)
 # Errors that say the database is unreachable or going away; the caller retries with backoff.
 CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 
@@ -318,6 +321,9 @@ class Store:
         except CONNECTION_ERRORS as error:
             self._drop_connection()
             raise DatabaseUnavailable(f"reading the cursor failed: {error}") from error
+        except REFUSED_ERRORS as error:
+            self.connection.rollback()
+            raise self._refused("reading the cursor", error) from error
         return found[0] if found else None
 
     def write(self, batch: Batch) -> None:
@@ -368,6 +374,8 @@ class Store:
         except CONNECTION_ERRORS as error:
             self._drop_connection()
             raise DatabaseUnavailable(f"writing a batch failed: {error}".strip()) from error
+        except REFUSED_ERRORS as error:
+            raise self._refused(f"writing a batch of {len(batch)} events", error) from error
         except psycopg.Error as error:
             raise StoreError(
                 f"writing a batch of {len(batch)} events for {self.endpoint} failed: {error}. "
@@ -398,6 +406,13 @@ class Store:
                 "last_event_time = EXCLUDED.last_event_time, updated_at = now(), "
                 "events = cursors.events + EXCLUDED.events",
                 (self.endpoint, self.job, batch.cursor, batch.cursor_time, _event_count(batch)))
+
+    def _refused(self, action: str, error: psycopg.Error) -> StoreError:
+        return StoreError(
+            f"{action} for {self.endpoint} failed: {str(error).strip()}. The database refuses this for the role "
+            "in the database URL; grant it SELECT, INSERT, UPDATE and DELETE on the indexer's tables (or "
+            "connect as the role that ran `indexer db upgrade`, to a server that is not read-only), then restart."
+        )
 
     def _drop_connection(self) -> None:
         if self.connection is not None:
