@@ -50,6 +50,7 @@ LABEL_TYPES = frozenset({"#labels", "#info"})
 OP_MESSAGE = 1
 OP_ERROR = -1
 ACTIONS = frozenset({"create", "update", "delete"})
+SEQ_MAX = 2**63 - 1
 
 # Syntax of the two halves of an op path, from the atproto NSID and Record Key specifications.
 _NSID = re.compile(
@@ -248,7 +249,16 @@ def _readable_body(frame: bytes, body_offset: int) -> dict[str, Any] | None:
 def _seq_if_readable(frame: bytes, body_offset: int) -> int | None:
     body = _readable_body(frame, body_offset)
     seq = body.get("seq") if body is not None else None
-    return seq if type(seq) is int else None
+    return _valid_seq(seq)
+
+
+def _valid_seq(value: Any) -> int | None:
+    """Return ``value`` when it is a usable seq, else None.
+
+    Every table stores seq as a PostgreSQL bigint, and a cursor must fit there too, so a seq
+    outside 0 to 2**63 - 1 makes its frame invalid rather than crash the write.
+    """
+    return value if type(value) is int and 0 <= value <= SEQ_MAX else None
 
 
 def _invalid(frame: bytes, t: str | None, body: dict[str, Any] | None, error: DecodeError) -> Invalid:
@@ -257,7 +267,7 @@ def _invalid(frame: bytes, t: str | None, body: dict[str, Any] | None, error: De
         body = _readable_body(frame, _item_end(frame, 0)) if frame else None
     seq = did = None
     if body is not None:
-        seq = body.get("seq") if type(body.get("seq")) is int else None
+        seq = _valid_seq(body.get("seq"))
         did_value = body.get("repo", body.get("did"))
         did = did_value if type(did_value) is str else None
     return Invalid(DropReason(error.reason), str(error), raw=frame, t=t, seq=seq, did=did)
@@ -299,6 +309,14 @@ class _Fields:
 
     def integer(self, name: str) -> int:
         return self._get(name, int, "an integer", required=True)
+
+    def seq(self) -> int:
+        value = self.integer("seq")
+        if _valid_seq(value) is None:
+            raise DecodeError(
+                DropReason.INVALID_BODY, f"{self.where} field 'seq' must be from 0 to 2**63 - 1, got {_preview(value)}"
+            )
+        return value
 
     def optional_integer(self, name: str) -> int | None:
         return self._get(name, int, "an integer", required=False)
@@ -349,7 +367,7 @@ def _commit(body: dict[str, Any], *, verify_cids: bool) -> Commit:
     if blocks is None and not too_big:
         raise DecodeError(DropReason.INVALID_BODY, "#commit is missing required field 'blocks'")
     commit = Commit(
-        seq=fields.integer("seq"),
+        seq=fields.seq(),
         did=fields.text("repo"),
         rev=fields.text("rev"),
         since=fields.optional_text("since"),
@@ -442,21 +460,21 @@ def _sync(body: dict[str, Any]) -> Sync:
     if blocks is None:
         raise DecodeError(DropReason.INVALID_BODY, "#sync is missing required field 'blocks'")
     return Sync(
-        seq=fields.integer("seq"), did=fields.text("did"), rev=fields.text("rev"), time=fields.text("time"), blocks=blocks
+        seq=fields.seq(), did=fields.text("did"), rev=fields.text("rev"), time=fields.text("time"), blocks=blocks
     )
 
 
 def _identity(body: dict[str, Any]) -> Identity:
     fields = _Fields(body, "#identity")
     return Identity(
-        seq=fields.integer("seq"), did=fields.text("did"), time=fields.text("time"), handle=fields.optional_text("handle")
+        seq=fields.seq(), did=fields.text("did"), time=fields.text("time"), handle=fields.optional_text("handle")
     )
 
 
 def _account(body: dict[str, Any]) -> Account:
     fields = _Fields(body, "#account")
     return Account(
-        seq=fields.integer("seq"),
+        seq=fields.seq(),
         did=fields.text("did"),
         time=fields.text("time"),
         active=fields.boolean("active"),
@@ -471,7 +489,7 @@ def _info(body: dict[str, Any]) -> Info:
 
 def _labels(body: dict[str, Any]) -> Labels:
     fields = _Fields(body, "#labels")
-    seq = fields.integer("seq")
+    seq = fields.seq()
     labels = []
     for index, raw_label in enumerate(fields.list("labels", required=False)):
         where = f"#labels labels[{index}]"

@@ -139,13 +139,21 @@ class Batch:
 
     def add_dead_letter(self, reason: DropReason, error: str, raw: bytes | None, *, seq: int | None = None,
                         did: str | None = None, t: str | None = None, path: str | None = None) -> None:
-        """Record an input that cannot be indexed; the same input on replay maps to the same digest."""
+        """Record an input that cannot be indexed; the same input on replay maps to the same digest.
+
+        The row must always be storable, because it is the last resort for a rejected event: NUL
+        characters are removed from its text columns (``raw`` keeps the input as it came), and a
+        seq outside PostgreSQL's bigint is stored as NULL.
+        """
         # Without raw bytes the error text (which names the position) tells failures apart.
         identity = raw if raw else error.encode()
         digest = hashlib.sha256(f"{seq}|{did}|{path}|{reason}|".encode() + identity).digest()
+        if seq is not None and not BIGINT_MIN <= seq <= BIGINT_MAX:
+            seq = None
         self.dead_letters.append({
-            "endpoint": self.endpoint, "seq": seq, "did": did, "t": t, "path": path,
-            "reason": str(reason), "error": error, "raw": raw, "digest": digest,
+            "endpoint": self.endpoint, "seq": seq, "did": _without_nul(did), "t": _without_nul(t),
+            "path": _without_nul(path), "reason": str(reason), "error": _without_nul(error), "raw": raw,
+            "digest": digest,
         })
 
     def apply_verifications(self, outcomes: dict[int, Any]) -> None:
@@ -256,6 +264,14 @@ def _set_verification(row: dict[str, Any], outcome: Any) -> None:
         return
     row["verified"] = outcome.verified
     row["verify_reason"] = str(outcome.reason) if outcome.reason is not None else None
+
+
+BIGINT_MIN, BIGINT_MAX = -(2**63), 2**63 - 1
+
+
+def _without_nul(text: str | None) -> str | None:
+    """Return ``text`` without NUL characters, which PostgreSQL text columns reject."""
+    return text.replace("\x00", "") if text is not None and "\x00" in text else text
 
 
 def _newer(current: str | None, candidate: str | None) -> str | None:
