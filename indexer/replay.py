@@ -88,6 +88,9 @@ class ConnectionRecord:
     status: int = 101  # HTTP status of the handshake: 101, or 503 and 400 for rejections
     frames_sent: int = 0  # recorded frames sent, not counting #info, error or truncated frames
     outcome: str = ""  # why the server stopped: end, close, stall, error, truncate, future_cursor, ...
+    # The faults this connection applies, None for a rejected handshake. Setting a ``*_after`` knob
+    # here affects this open connection from its next frame on, and no other connection.
+    faults: Faults | None = None
 
 
 def info_frame(name: str, message: str | None = None) -> bytes:
@@ -298,14 +301,14 @@ class ReplayRelay:
             record.outcome = "invalid_cursor"
             return web.json_response({"error": "InvalidRequest", "message": str(error)}, status=400)
 
-        faults = self._take_faults()
+        faults = record.faults = self._take_faults()
         ws = web.WebSocketResponse(timeout=self.CLOSE_TIMEOUT)
         await ws.prepare(request)
         # Reading is what processes the client's close frame and pings, so it runs all along.
         client_gone = asyncio.create_task(self._read_until_closed(ws))
         try:
             record.outcome = await self._replay(ws, client_gone, record, faults)
-        except ConnectionResetError:
+        except ConnectionError:  # aiohttp raises a bare ConnectionError for a peer that went away mid-send
             record.outcome = "client_gone"
         finally:
             client_gone.cancel()
