@@ -281,6 +281,7 @@ class Databases:
         self.server_url: str
         prefix = f"chaos_{uuid.uuid4().hex[:8]}"
         self.names = {run: f"{prefix}_{run}" for run in ("clean", "faulty")}
+        self.created: list[str] = []
 
     def open(self) -> None:
         """Start the embedded server (or use the configured one) and create both databases, migrated."""
@@ -297,6 +298,7 @@ class Databases:
         with psycopg.connect(self._libpq(self.url_of(None)), autocommit=True) as connection:
             for name in self.names.values():
                 connection.execute(f'CREATE DATABASE "{name}"')
+                self.created.append(name)
         for run in self.names:
             db.upgrade(self.url_of(run))
 
@@ -341,9 +343,10 @@ class Databases:
                 print(f"the embedded server keeps running; stop it with: pg_ctl -D {self.pgdata} stop")
             return
         if self.pgdata is None:
-            with psycopg.connect(self._libpq(self.url_of(None)), autocommit=True) as connection:
-                for name in self.names.values():
-                    connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            if self.created:
+                with psycopg.connect(self._libpq(self.url_of(None)), autocommit=True) as connection:
+                    for name in self.created:
+                        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             return
         try:
             self._pg_ctl(["-w", "-m", "fast", "stop"])
