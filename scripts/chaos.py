@@ -805,11 +805,13 @@ def main(argv: list[str] | None = None) -> int:
         databases.open()
         status = asyncio.run(run_both(settings, databases, frames, work_dir))
     finally:
-        databases.close()
-        if settings.keep:
-            print(f"indexer logs kept in {work_dir}")
-        else:
-            shutil.rmtree(work_dir, ignore_errors=True)
+        try:
+            databases.close()
+        finally:
+            if settings.keep:
+                print(f"indexer logs kept in {work_dir}")
+            else:
+                shutil.rmtree(work_dir, ignore_errors=True)
     print(f"wall time: {time.monotonic() - started:.1f} s")
     return status
 
