@@ -137,7 +137,7 @@ def _existing_replay(endpoint: str, settings: ReplaySettings, start: int | None,
 
 def build_replay_indexer(database_url: str, job: ReplayJob, settings: ReplaySettings) -> StreamIndexer:
     """Create the StreamIndexer of a replay job: the job's own cursor row, stopping after its target."""
-    store = Store(database_url, job.endpoint, job=job.job)
+    store = Store(database_url, job.endpoint, job=job.job, exclusive=True)
 
     def client_factory(cursor_source):
         backoff = settings.backoff() if settings.backoff else None

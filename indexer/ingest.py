@@ -191,21 +191,41 @@ class StreamIndexer:
         asyncio.get_running_loop().create_task(self.client.aclose())
 
     async def flush(self) -> None:
-        """Commit the open batch (waiting for an earlier one first); a no-op when it is empty."""
+        """Commit the open batch (waiting for an earlier one first); a no-op when it is empty.
+
+        Once started, a commit runs to its end even when the flush is cancelled (the cancellation
+        is raised afterwards): a batch taken out of the pipeline and dropped half way would let the
+        next batch move the cursor past its events. Only a second signal (``abandon``) cuts it short.
+        """
         async with self.write_lock:
             batch, self.batch, self.batch_started = self.batch, Batch(endpoint=self.endpoint), None
             if batch.is_empty():
                 return
-            started = time.monotonic()
-            if self.verifier is not None:
-                batch = await self._verify(batch)
-            await self._with_database(lambda: self.store.write(batch))
-            self.counters.commit_seconds.append(time.monotonic() - started)
-            del self.counters.commit_seconds[:-1000]
-            self.counters.batches += 1
-            self.counters.indexed += len(batch)
-            if batch.cursor is not None:
-                self.committed = batch.cursor
+            commit = asyncio.ensure_future(self._commit(batch))
+            cancelled: asyncio.CancelledError | None = None
+            while not commit.done():
+                try:
+                    await asyncio.shield(commit)
+                except asyncio.CancelledError as error:
+                    if self.abandon:
+                        commit.cancel()
+                        raise
+                    cancelled = error
+            commit.result()
+            if cancelled is not None:
+                raise cancelled
+
+    async def _commit(self, batch: Batch) -> None:
+        started = time.monotonic()
+        if self.verifier is not None:
+            batch = await self._verify(batch)
+        await self._with_database(lambda: self.store.write(batch))
+        self.counters.commit_seconds.append(time.monotonic() - started)
+        del self.counters.commit_seconds[:-1000]
+        self.counters.batches += 1
+        self.counters.indexed += len(batch)
+        if batch.cursor is not None:
+            self.committed = batch.cursor
 
     async def _verify(self, batch: Batch) -> Batch:
         """Store the verification outcomes on the batch's rows; with enforce, dead-letter failures."""

@@ -58,7 +58,7 @@ def build_indexers(database_url: str, settings: RunSettings) -> list[StreamIndex
 
 def _indexer(database_url: str, settings: RunSettings, base: str, method: str, decode) -> StreamIndexer:
     endpoint = endpoint_url(base, method)
-    store = Store(database_url, endpoint, job=settings.job)
+    store = Store(database_url, endpoint, job=settings.job, exclusive=True)
 
     def client_factory(cursor_source):
         return StreamClient(endpoint, method, cursor_source, receive_timeout=settings.receive_timeout,

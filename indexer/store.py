@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -286,6 +287,13 @@ class StoreError(IndexerError):
     """A write failed because of our own code or schema (a bug): the process must stop."""
 
 
+class StreamLocked(IndexerError):
+    """Another process holds the cursor of this endpoint and job."""
+
+
+LOCK_WAIT_SECONDS = 10.0
+
+
 # Errors caused by the values of one input (an invalid byte sequence, a value out of range, an index
 # row that is too large). Splitting the batch finds the input and dead-letters it.
 DATA_ERRORS = (psycopg.errors.DataError, psycopg.errors.ProgramLimitExceeded)
@@ -304,10 +312,12 @@ class Store:
     reconnecting. An error in our own SQL or schema raises ``StoreError``.
     """
 
-    def __init__(self, url: str, endpoint: str, job: str = "live") -> None:
+    def __init__(self, url: str, endpoint: str, job: str = "live", *, exclusive: bool = False) -> None:
+        """``exclusive``: hold a lock so that no other process writes this endpoint and job's cursor."""
         self.url = url.replace("postgresql+psycopg://", "postgresql://", 1)
         self.endpoint = endpoint
         self.job = job
+        self.exclusive = exclusive
         self.connection: psycopg.Connection | None = None
         self.rows_written = 0
         self.dead_letters_written = 0
@@ -319,7 +329,38 @@ class Store:
             self.connection = psycopg.connect(self.url, autocommit=False)
         except CONNECTION_ERRORS as error:
             raise DatabaseUnavailable(f"cannot connect to the database: {error}".strip()) from error
+        if self.exclusive:
+            self._lock_cursor()
         _create_staging_tables(self.connection)
+
+    def _lock_cursor(self) -> None:
+        """Take the session advisory lock of this endpoint and job, or raise StreamLocked.
+
+        Two writers on one cursor would each move it past the other's uncommitted batches. The
+        lock goes with the connection, so a crashed process releases it, and a reconnect takes it
+        again.
+        """
+        digest = hashlib.sha256(f"indexer cursor|{self.endpoint}|{self.job}".encode()).digest()
+        key = int.from_bytes(digest[:8], "big", signed=True)
+        # A process killed a moment ago may still have a session on the server until the server
+        # notices, so a held lock is retried for a few seconds before it counts as another writer.
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        while True:
+            try:
+                locked = self.connection.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]
+                self.connection.commit()
+            except CONNECTION_ERRORS as error:
+                self._drop_connection()
+                raise DatabaseUnavailable(f"locking the cursor failed: {error}") from error
+            if locked or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        if not locked:
+            self._drop_connection()
+            raise StreamLocked(
+                f"another indexer process is already indexing {self.endpoint} (job {self.job!r}) into this "
+                "database. Stop it first; a backfill replay can run beside it under its own --job."
+            )
 
     def close(self) -> None:
         if self.connection is not None:
