@@ -191,9 +191,15 @@ def verify_settings(mode: str, plc_url: str, workers: int | None, key_wait: floa
     return settings
 
 
-def prepare_database(database_url: str | None, migrate: bool) -> db.Database:
-    """Open the configured (or embedded) database and bring its schema up to date unless told not to."""
+def prepare_database(database_url: str | None, migrate: bool, *, wait: bool = False) -> db.Database:
+    """Open the configured (or embedded) database and bring its schema up to date unless told not to.
+
+    ``wait``: while a configured server is unreachable, retry with backoff instead of failing, as a
+    long-running command should when it starts before its database (after a reboot, say).
+    """
     database = db.open_database(database_url, announce=announce)
+    if wait and database.embedded is None:
+        wait_for_database(database)
     db.create_engine(database).dispose()
     if migrate:
         before = db.current_revision(database.url)
@@ -208,6 +214,30 @@ def prepare_database(database_url: str | None, migrate: bool) -> db.Database:
             f"{db.head_revision()}: run `indexer db upgrade` or drop --no-migrate"
         )
     return database
+
+
+def wait_for_database(database: db.Database) -> None:
+    """Return once the database accepts a query, retrying with backoff; log once when it does not."""
+    import time
+
+    from indexer.errors import DatabaseUnavailable
+    from indexer.stream import Backoff
+
+    backoff = Backoff(base=0.5, cap=30.0)
+    waiting = False
+    while True:
+        try:
+            db.create_engine(database).dispose()
+        except DatabaseUnavailable as error:
+            if not waiting:
+                log.warning("database unavailable at start, retrying with backoff",
+                            extra={"database": database.display_url, "error": str(error)})
+                waiting = True
+            time.sleep(backoff.next_delay())
+            continue
+        if waiting:
+            log.info("database available", extra={"database": database.display_url})
+        return
 
 
 def validate_stream_urls(settings) -> None:
@@ -293,7 +323,7 @@ def run(
     if settings.relay is None and not settings.labelers:
         raise ConfigError("nothing to index: --no-repos and --no-labels were both given")
     validate_stream_urls(settings)
-    database = prepare_database(database_url, migrate=not no_migrate)
+    database = prepare_database(database_url, migrate=not no_migrate, wait=True)
     indexers = build_indexers(database.url, settings)
     background = []
     if resync:

@@ -116,13 +116,30 @@ def test_run_output_hides_password(database_url):
 
 def test_unreachable_database_error_hides_password():
     url = f"postgresql://indexer:{PASSWORD}@127.0.0.1:1/indexer"
-    for args in (["run", "--no-labels", "--no-metrics"], ["status"], ["dead-letters", "list"], ["db", "current"]):
+    for args in (["status"], ["dead-letters", "list"], ["db", "current"]):
         completed = subprocess.run(
             [sys.executable, "-m", "indexer.cli", *args, "--database-url", url], cwd=REPO_ROOT,
             env=clean_environment(), capture_output=True, text=True, timeout=60)
         assert completed.returncode != 0, args
         assert "127.0.0.1" in completed.stderr, args
         assert PASSWORD not in completed.stdout + completed.stderr, args
+
+
+def test_run_waits_for_unreachable_database():
+    url = f"postgresql://indexer:{PASSWORD}@127.0.0.1:1/indexer"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "indexer.cli", "run", "--no-labels", "--no-metrics", "--database-url", url],
+        cwd=REPO_ROOT, env=clean_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first_line = process.stderr.readline()
+        process.send_signal(signal.SIGTERM)
+        _, rest = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert "database unavailable at start, retrying with backoff" in first_line
+    assert "127.0.0.1" in first_line
+    assert PASSWORD not in first_line + rest
+    assert process.returncode != 0
 
 
 def test_run_json_logs_carry_fixed_keys(database_url):
