@@ -22,11 +22,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import enum
+import json
 import struct
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import libipld
 from aiohttp import web
@@ -172,11 +174,49 @@ def load_frame_directory(path: str | Path) -> list[tuple[int, bytes]]:
     return assign_seqs(file.read_bytes() for file in files)
 
 
+def load_labels_file(path: str | Path) -> list[tuple[int, bytes]]:
+    """Load labels in atproto JSON as ``#labels`` frames, one label per frame, with seq 1, 2, ...
+
+    The file is a list of label objects, or an object whose ``labels`` list holds label objects
+    or entries with a ``label`` key (the layout of the shared signed-labels fixture).
+    """
+    from indexer.jsonform import from_json
+
+    try:
+        document = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{path}: not a readable JSON file of labels ({error})") from None
+    entries = document.get("labels", []) if isinstance(document, dict) else document
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path}: expected a list of labels, or an object with a 'labels' list")
+    frames = []
+    for seq, entry in enumerate(entries, start=1):
+        label = entry.get("label", entry) if isinstance(entry, dict) else entry
+        body = libipld.encode_dag_cbor({"seq": seq, "labels": [from_json(label)]})
+        frames.append((seq, libipld.encode_dag_cbor({"op": 1, "t": "#labels"}) + body))
+    return frames
+
+
+def load_did_documents(path: str | Path) -> dict[str, Any]:
+    """Load DID documents from a JSON object {did: document}, or from the ``labelerDidDocuments`` of a labels file."""
+    try:
+        document = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{path}: not a readable JSON file of DID documents ({error})") from None
+    if isinstance(document, dict) and isinstance(document.get("labelerDidDocuments"), dict):
+        document = document["labelerDidDocuments"]
+    if not isinstance(document, dict) or not all(key.startswith("did:") for key in document):
+        raise ConfigError(f"{path}: expected a JSON object mapping each DID to its DID document")
+    return document
+
+
 def load_frames(path: str | Path) -> list[tuple[int, bytes]]:
-    """Load a length-prefixed file or a directory of ``.bin`` files, whichever ``path`` is."""
+    """Load a length-prefixed file, a directory of ``.bin`` files, or a ``.json`` file of labels."""
     source = Path(path)
     if source.is_dir():
         return load_frame_directory(source)
+    if source.suffix == ".json" and source.is_file():
+        return load_labels_file(source)
     if not source.is_file():
         raise ConfigError(
             f"{path}: no such file or directory; give a length-prefixed frames file or a directory of .bin frames"
@@ -216,7 +256,10 @@ class ReplayRelay:
         no_cursor: NoCursor | str = NoCursor.ALL,
         close_at_end: bool = False,
         cursor_inclusive: bool = True,
+        did_documents: Mapping[str, Any] | None = None,
     ) -> None:
+        """``did_documents`` ({did: document}) are also served as a PLC directory does, at ``GET /{did}``."""
+        self.did_documents = dict(did_documents or {})
         self._seqs: list[int] = []
         self._frames: list[bytes] = []
         for seq, frame in frames:
@@ -253,6 +296,7 @@ class ReplayRelay:
         app = web.Application()
         app.router.add_get(f"/xrpc/{REPOS_METHOD}", self._handle)
         app.router.add_get(f"/xrpc/{LABELS_METHOD}", self._handle)
+        app.router.add_get("/{did:did:[^/]+}", self._did_document)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.CLOSE_TIMEOUT)
         await self._runner.setup()
         site = web.TCPSite(self._runner, HOST, self.requested_port)
@@ -284,6 +328,13 @@ class ReplayRelay:
         self._frames.append(frame)
         woken, self._appended = self._appended, asyncio.Event()
         woken.set()
+
+    async def _did_document(self, request: web.Request) -> web.Response:
+        """Answer a PLC directory request: the DID document, or 404 as plc.directory does."""
+        document = self.did_documents.get(request.match_info["did"])
+        if document is None:
+            return web.json_response({"message": f"DID not registered: {request.match_info['did']}"}, status=404)
+        return web.json_response(document)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         raw_cursor = request.query.get("cursor")
@@ -402,7 +453,11 @@ class ReplayRelay:
 
 
 async def _serve(frames: list[tuple[int, bytes]], args: argparse.Namespace) -> None:
-    relay = ReplayRelay(frames, port=args.port, no_cursor=args.no_cursor, close_at_end=args.close_at_end)
+    did_documents = {}
+    for path in args.did_docs or ():
+        did_documents.update(load_did_documents(path))
+    relay = ReplayRelay(frames, port=args.port, no_cursor=args.no_cursor, close_at_end=args.close_at_end,
+                        did_documents=did_documents)
     try:
         await relay.start()
     except OSError as error:
@@ -414,6 +469,8 @@ async def _serve(frames: list[tuple[int, bytes]], args: argparse.Namespace) -> N
         print(f"replaying {len(frames)} frames (seq {min(seqs)} to {max(seqs)}) from {args.source}", flush=True)
         print(f"subscribeRepos:  {relay.url(REPOS_METHOD)}", flush=True)
         print(f"subscribeLabels: {relay.url(LABELS_METHOD)}", flush=True)
+        if did_documents:
+            print(f"PLC directory:   http://{HOST}:{relay.port} ({len(did_documents)} DID documents)", flush=True)
         print("press Ctrl-C to stop", flush=True)
         await asyncio.Event().wait()
     finally:
@@ -427,7 +484,13 @@ def main(argv: list[str] | None = None) -> int:
         description="Replay recorded event-stream frames over websockets on 127.0.0.1, for offline try-outs.",
     )
     parser.add_argument(
-        "source", help="a file of [uint32 little-endian length][frame] records, or a directory of .bin frames"
+        "source", help="a file of [uint32 little-endian length][frame] records, a directory of .bin frames, "
+        "or a .json file of labels (served as #labels frames)"
+    )
+    parser.add_argument(
+        "--did-docs", action="append", metavar="FILE",
+        help="also answer PLC directory requests (GET /DID) from this JSON object of {did: document}, or from "
+        "a labels file's labelerDidDocuments; repeatable",
     )
     parser.add_argument(
         "--port", type=int, default=8765, help="TCP port to listen on; 0 picks a free one (default: 8765)"

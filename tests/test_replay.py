@@ -318,3 +318,37 @@ async def test_stop_closes_open_connections(start_relay, session):
         await relay.stop()
         message = await receiver
     assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+
+
+def test_labels_file_served_as_label_frames():
+    from fixture_data import fixture_path
+    from indexer.frames import decode_label_frame
+    from indexer.replay import load_frames
+
+    frames = load_frames(fixture_path("labels/signed_labels.json"))
+    events = [decode_label_frame(frame) for _, frame in frames]
+
+    assert [seq for seq, _ in frames] == [1, 2, 3]
+    assert [event.seq for event in events] == [1, 2, 3]
+    assert [len(event.labels) for event in events] == [1, 1, 1]
+    assert all(event.labels[0].sig for event in events)
+
+
+async def test_did_documents_served_like_plc_directory():
+    import aiohttp
+
+    from indexer.replay import ReplayRelay
+
+    document = {"id": "did:plc:abc", "verificationMethod": []}
+    async with ReplayRelay([], did_documents={"did:plc:abc": document}) as relay:
+        base = f"http://127.0.0.1:{relay.port}"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{base}/did:plc:abc") as found:
+                served = await found.json()
+                found_status = found.status
+            async with session.get(f"{base}/did:plc:unknown") as missing:
+                missing_status = missing.status
+
+    assert found_status == 200
+    assert served == document
+    assert missing_status == 404
