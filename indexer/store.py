@@ -536,6 +536,14 @@ def _create_staging_tables(connection: psycopg.Connection) -> None:
             cursor.execute(
                 f"CREATE TEMP TABLE IF NOT EXISTS {_staging_name(table)} ON COMMIT DELETE ROWS AS "
                 f"SELECT {columns} FROM {table.name} WITH NO DATA")
+        # COLLATE "C" as in actors: with another collation the primary key of actors cannot serve
+        # the conflict lookup, and first_rev must compare with the stored rev in the same order.
+        cursor.execute(
+            'CREATE TEMP TABLE IF NOT EXISTS staging_actors (did text COLLATE "C" PRIMARY KEY, '
+            'handle text COLLATE "C", identity_seq bigint, active boolean, status text COLLATE "C", '
+            'account_seq bigint, rev text COLLATE "C", last_seq bigint, last_time timestamptz, '
+            'desynchronized_at timestamptz, first_since text COLLATE "C", first_rev text COLLATE "C", '
+            'first_time timestamptz) ON COMMIT DELETE ROWS')
     connection.commit()
 
 
@@ -614,11 +622,15 @@ def _delete_is_newer_condition() -> str:
 _DELETE_IS_NEWER = _delete_is_newer_condition()
 
 
+_ACTOR_COLUMNS = ("did", "handle", "identity_seq", "active", "status", "account_seq", "rev", "last_seq",
+                  "last_time", "desynchronized_at", "first_since", "first_rev", "first_time")
+
+# ORDER BY did keeps a fixed lock order, which avoids deadlocks between concurrent writers.
 ACTOR_UPSERT = """
 INSERT INTO actors (did, handle, identity_seq, active, status, account_seq, rev, last_seq, last_time,
                     desynchronized_at)
-VALUES (%(did)s, %(handle)s, %(identity_seq)s, %(active)s, %(status)s, %(account_seq)s, %(rev)s,
-        %(last_seq)s, %(last_time)s, %(desynchronized_at)s)
+SELECT did, handle, identity_seq, active, status, account_seq, rev, last_seq, last_time, desynchronized_at
+FROM staging_actors ORDER BY did
 ON CONFLICT (did) DO UPDATE SET
     handle = CASE WHEN EXCLUDED.identity_seq > COALESCE(actors.identity_seq, -1)
                   THEN COALESCE(EXCLUDED.handle, actors.handle) ELSE actors.handle END,
@@ -635,9 +647,10 @@ ON CONFLICT (did) DO UPDATE SET
     desynchronized_at = COALESCE(
         EXCLUDED.desynchronized_at,
         -- The batch's first commit is newer than the stored rev but does not follow it.
-        CASE WHEN %(first_since)s::text IS NOT NULL AND actors.rev IS NOT NULL
-                  AND %(first_rev)s::text > actors.rev AND %(first_since)s::text <> actors.rev
-             THEN %(first_time)s::timestamptz END,
+        (SELECT CASE WHEN s.first_since IS NOT NULL AND actors.rev IS NOT NULL
+                      AND s.first_rev > actors.rev AND s.first_since <> actors.rev
+                 THEN s.first_time END
+         FROM staging_actors s WHERE s.did = EXCLUDED.did),
         actors.desynchronized_at),
     updated_at = now()
 """
@@ -647,16 +660,13 @@ def _apply_actors(cursor: psycopg.Cursor, actors: dict[str, ActorUpdate]) -> Non
     """Merge what the batch says about each account, never letting an older event win."""
     if not actors:
         return
-    params = []
-    for did in sorted(actors):  # a fixed order avoids deadlocks between concurrent writers
-        update = actors[did]
-        params.append({"did": did, "handle": update.handle, "identity_seq": update.identity_seq,
-                       "active": update.active, "status": update.status, "account_seq": update.account_seq,
-                       "rev": update.rev, "last_seq": update.last_seq, "last_time": update.last_time,
-                       "desynchronized_at": update.desynchronized_at,
-                       "first_since": update.first_since, "first_rev": update.first_rev,
-                       "first_time": update.first_time})
-    cursor.executemany(ACTOR_UPSERT, params)
+    # One COPY and one statement instead of a statement per account (19-28 µs/event before).
+    with cursor.copy(f"COPY staging_actors ({', '.join(_ACTOR_COLUMNS)}) FROM STDIN") as copy:
+        for did, update in actors.items():
+            copy.write_row((did, update.handle, update.identity_seq, update.active, update.status,
+                            update.account_seq, update.rev, update.last_seq, update.last_time,
+                            update.desynchronized_at, update.first_since, update.first_rev, update.first_time))
+    cursor.execute(ACTOR_UPSERT)
 
 
 def _insert_ignoring_duplicates(cursor: psycopg.Cursor, table: Table, rows: list[dict]) -> None:
