@@ -32,7 +32,8 @@ async def subscribe_repos(relay: str, cursor: int | None = None, **options: Any)
     """Yield decoded events of a relay's ``subscribeRepos`` stream, starting after ``cursor``.
 
     ``cursor`` None starts at the live tip. ``options`` are passed to ``StreamClient``
-    (``receive_timeout``, ``max_message_size``, ``backoff``).
+    (``receive_timeout``, ``max_message_size``, ``backoff``). To leave the loop early, iterate
+    inside ``contextlib.aclosing(subscribe_repos(...))`` so the connection closes at once.
     """
     async for event in _subscribe(relay, REPOS_METHOD, frames.decode_repo_frame, cursor, options):
         yield event

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from contextlib import aclosing
 
 import pytest
 
@@ -23,10 +24,11 @@ async def test_async_iterator_yields_typed_events():
     frames = jetstream_frames()
     async with ReplayRelay(frames) as relay:
         seen = []
-        async for event in subscribe_repos(relay.base_url, receive_timeout=5):
-            seen.append(event)
-            if len(seen) == len(frames):
-                break
+        async with aclosing(subscribe_repos(relay.base_url, receive_timeout=5)) as events:
+            async for event in events:
+                seen.append(event)
+                if len(seen) == len(frames):
+                    break
     assert [event.seq for event in seen] == [seq for seq, _ in frames]
     assert sum(isinstance(event, Commit) for event in seen) == 110
 
@@ -35,9 +37,10 @@ async def test_async_iterator_resumes_after_cursor():
     frames = jetstream_frames()
     start = frames[49][0]
     async with ReplayRelay(frames) as relay:
-        async for event in subscribe_repos(relay.base_url, cursor=start, receive_timeout=5):
-            first = event
-            break
+        async with aclosing(subscribe_repos(relay.base_url, cursor=start, receive_timeout=5)) as events:
+            async for event in events:
+                first = event
+                break
     assert first.seq == frames[50][0]
 
 
