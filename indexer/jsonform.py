@@ -57,6 +57,10 @@ def to_json(value: Any, *, block: bytes | None = None) -> JsonForm:
     and None pass through. Removing U+0000 from two map keys can make them equal, and then the later
     key in the map wins.
     """
+    if _holds_no_bytes_or_nul(value):
+        # Most records (likes, follows, reposts, plain posts) have neither byte strings nor U+0000:
+        # the decoded value already is the JSON form, so it is returned itself, not a copy.
+        return JsonForm(value, 0)
     converter = _Converter(block)
     try:
         converted = converter.convert(value)
@@ -64,6 +68,31 @@ def to_json(value: Any, *, block: bytes | None = None) -> JsonForm:
         converter = _Converter(block, tagged=True)
         converted = converter.convert(_TaggedReader(block).read_all())
     return JsonForm(converted, converter.nul_chars_removed)
+
+
+def _holds_no_bytes_or_nul(value: Any) -> bool:
+    """Return True when ``value`` holds no ``bytes`` (links included) and no U+0000 in any string or map key."""
+    kind = type(value)
+    if kind is str:
+        return _NUL not in value
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str or _NUL in key:
+                return False
+            item_kind = type(item)
+            if item_kind is str:
+                if _NUL in item:
+                    return False
+            elif item_kind not in _SCALARS and not _holds_no_bytes_or_nul(item):
+                return False
+        return True
+    if kind is list:
+        return all(_holds_no_bytes_or_nul(item) for item in value)
+    # Anything else, a subclass of str or dict included, takes the converting path.
+    return kind in _SCALARS
+
+
+_SCALARS = frozenset({int, float, bool, type(None)})
 
 
 def from_json(value: Any) -> Any:

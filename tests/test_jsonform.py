@@ -7,7 +7,7 @@ from fixture_data import JETSTREAM_CORPUS, fixture_path, read_length_prefixed
 from frame_builder import cid_for
 
 from indexer.frames import decode_repo_frame
-from indexer.jsonform import cid_to_bytes, from_json, to_json
+from indexer.jsonform import _Converter, cid_to_bytes, from_json, to_json
 
 LINK = cid_for(b"some blob")
 LINK_TEXT = libipld.encode_cid(LINK)
@@ -93,3 +93,40 @@ def test_corpus_records_round_trip() -> None:
             links += '"$link"' in repr(converted.value).replace("'", '"')
     assert checked == 109
     assert links > 0
+
+
+def test_plain_record_returned_as_is() -> None:
+    like = {"$type": "app.bsky.feed.like", "createdAt": "2026-07-04T14:38:06Z",
+            "subject": {"uri": "at://did:plc:abc/app.bsky.feed.post/3k", "cid": "bafyrei"}}
+    assert to_json(like).value is like
+
+
+def test_deep_bytes_still_converted() -> None:
+    converted = to_json({"a": [{"b": [b"\x01\x02"]}]})
+    assert converted.value == {"a": [{"b": [{"$bytes": "AQI"}]}]}
+
+
+def test_deep_nul_still_removed() -> None:
+    converted = to_json({"a": [[{"b": "x\x00"}]], "n": 1})
+    assert converted.value == {"a": [[{"b": "x"}]], "n": 1}
+    assert converted.nul_chars_removed == 1
+
+
+def test_string_subclass_still_cleaned() -> None:
+    class Text(str):
+        pass
+
+    assert to_json({"text": Text("a\x00b")}).value == {"text": "ab"}
+
+
+def test_corpus_records_match_full_conversion() -> None:
+    frames = read_length_prefixed(fixture_path(f"{JETSTREAM_CORPUS}/frames.lp.bin"))
+    returned_as_is = 0
+    for frame in frames:
+        for op in getattr(decode_repo_frame(frame), "ops", []):
+            if op.record is None:
+                continue
+            converted = to_json(op.record, block=op.record_bytes)
+            assert converted.value == _Converter(op.record_bytes).convert(op.record), op.path
+            returned_as_is += converted.value is op.record
+    assert returned_as_is > 0
