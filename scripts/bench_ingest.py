@@ -33,6 +33,7 @@ os.environ.setdefault("RUST_LIB_BACKTRACE", "0")
 
 import argparse
 import asyncio
+import gc
 import multiprocessing
 import platform
 import resource
@@ -120,6 +121,9 @@ def machine_line(url: str, embedded_server: bool) -> str:
 
 def decode_ours(frame_list: list[bytes], batch_size: int) -> tuple[Figures, list[Batch]]:
     """Decode every frame and add it to batches, as the indexer does before writing."""
+    from indexer.cli import tune_gc
+
+    tune_gc()  # the collector settings of `indexer run`
     batches = []
     batch = Batch(endpoint=ENDPOINT_NAME)
     started = time.perf_counter()
@@ -128,6 +132,9 @@ def decode_ours(frame_list: list[bytes], batch_size: int) -> tuple[Figures, list
         batch.add(frames.decode_repo_frame(frame))
         if len(batch) >= batch_size:
             batches.append(batch)
+            # The indexer drops a batch once written; kept here for step 3, its objects would make
+            # every later full collection slower. Frozen, the collector no longer walks them.
+            gc.freeze()
             batch = Batch(endpoint=ENDPOINT_NAME)
     if len(batch):
         batches.append(batch)
@@ -282,6 +289,7 @@ def run_indexer(url: str, relay_base: str, stop_at_seq: int, batch_size: int, re
 
     ``verify`` is ``(mode, plc_url)`` for the verification stage; None leaves it off.
     """
+    from indexer.cli import tune_gc
     from indexer.ingest import REPOS_METHOD, StreamIndexer
     from indexer.store import Store
     from indexer.stream import StreamClient, endpoint_url
@@ -308,6 +316,7 @@ def run_indexer(url: str, relay_base: str, stop_at_seq: int, batch_size: int, re
     if verify is not None:
         verifier = EventVerifier(VerifySettings(mode=VerifyMode(verify[0]), plc_url=verify[1]), url)
     indexer = TimedIndexer(store, client_factory, batch_size=batch_size, stop_at_seq=stop_at_seq, verifier=verifier)
+    tune_gc()  # as `indexer run` does
     started = time.perf_counter()
     asyncio.run(indexer.run())
     elapsed = time.perf_counter() - started
