@@ -71,7 +71,7 @@ def to_json(value: Any, *, block: bytes | None = None) -> JsonForm:
 
 
 def _holds_no_bytes_or_nul(value: Any) -> bool:
-    """Return True when ``value`` holds no ``bytes`` (links included) and no U+0000 in any string or map key."""
+    """Return True when ``value`` contains no ``bytes`` (links included) and no U+0000 in any string or map key."""
     kind = type(value)
     if kind is str:
         return _NUL not in value
