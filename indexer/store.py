@@ -209,6 +209,10 @@ class Batch:
         elif commit.since is not None and commit.since != actor.rev and commit.rev > actor.rev:
             # A commit that does not follow the previous one: commits were missed, refetch the repo.
             actor.desynchronized_at = time or datetime.now().astimezone()
+        if commit.too_big:
+            # A deprecated tooBig commit may come without the blocks of its records, which are then
+            # dead-lettered: only a repo refetch (indexer backfill --desynchronized) recovers them.
+            actor.desynchronized_at = time or datetime.now().astimezone()
         actor.rev = _newer(actor.rev, commit.rev)
         for op in commit.ops:
             if op.error is not None:

@@ -130,6 +130,7 @@ async def test_too_big_commit_ops_need_refetch(database_url):
     assert query(database_url, "SELECT rkey FROM deletions") == [("gone",)]
     assert query(database_url, "SELECT count(*) FROM posts") == [(0,)]
     assert stored_cursor(database_url) == 1
+    assert query(database_url, "SELECT desynchronized_at IS NOT NULL FROM actors WHERE did = %s", DID) == [(True,)]
 
 
 # 6. garbage as frame 106 of 110 and a disconnect after 108 ----------------------------------------
