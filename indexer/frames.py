@@ -361,6 +361,94 @@ class _Fields:
 
 
 def _commit(body: dict[str, Any], *, verify_cids: bool) -> Commit:
+    commit = _usual_commit(body, verify_cids=verify_cids)
+    if commit is not None:
+        return commit
+    return _checked_commit(body, verify_cids=verify_cids)
+
+
+# The first four bytes of the CIDs atproto uses: CIDv1, dag-cbor or raw codec, sha2-256, 32 bytes.
+_USUAL_CID_PREFIXES = frozenset({b"\x01\x71\x12\x20", b"\x01\x55\x12\x20"})
+# Collections whose NSID syntax was already checked; bounded, because the input is untrusted.
+_VALID_COLLECTIONS: set[str] = set()
+_VALID_COLLECTIONS_MAX = 10_000
+
+
+def _usual_cid_text(value: Any) -> str | None:
+    """Return the CID string of a 36-byte sha2-256 CIDv1, or None for anything else (even a valid CID)."""
+    if type(value) is bytes and len(value) == 36 and value[:4] in _USUAL_CID_PREFIXES:
+        return libipld.encode_cid(value)
+    return None
+
+
+def _usual_commit(body: dict[str, Any], *, verify_cids: bool) -> Commit | None:
+    """Decode a commit of the usual shape with no per-field error handling, or return None.
+
+    This makes every check of ``_checked_commit``, without building messages. None means that
+    something is unusual (a missing or mistyped field, a tooBig commit, an invalid path, a missing
+    block, a CAR that does not split). ``_checked_commit`` then decodes it, and raises a
+    ``DecodeError`` or sets ``op.error`` with a message that names the problem.
+    """
+    get = body.get
+    seq, did, rev, since, time = get("seq"), get("repo"), get("rev"), get("since"), get("time")
+    blocks, too_big, rebase, raw_ops = get("blocks"), get("tooBig"), get("rebase"), get("ops")
+    if (_valid_seq(seq) is None or type(did) is not str or type(rev) is not str or type(time) is not str
+            or (since is not None and type(since) is not str) or type(blocks) is not bytes or not blocks
+            or type(raw_ops) is not list or (too_big is not None and too_big is not False)
+            or (rebase is not None and type(rebase) is not bool)):
+        return None
+    commit_cid = _usual_cid_text(get("commit"))
+    prev_data = get("prevData")
+    if commit_cid is None or (prev_data is not None and (prev_data := _usual_cid_text(prev_data)) is None):
+        return None
+    try:
+        car_blocks = car.read_car(blocks).blocks
+    except DecodeError:
+        return None
+    ops = []
+    for raw_op in raw_ops:
+        op = _usual_op(raw_op, car_blocks, verify_cids=verify_cids)
+        if op is None:
+            return None
+        ops.append(op)
+    return Commit(seq=seq, did=did, rev=rev, since=since, commit_cid=commit_cid, time=time, ops=ops,
+                  prev_data=prev_data, too_big=False, rebase=bool(rebase), blocks=blocks)
+
+
+def _usual_op(raw_op: Any, car_blocks: dict[bytes, bytes], *, verify_cids: bool) -> RecordOp | None:
+    """Build one op of the usual shape, or return None to leave it to ``_record_op``."""
+    if type(raw_op) is not dict:
+        return None
+    get = raw_op.get
+    action, path, cid_bytes, prev = get("action"), get("path"), get("cid"), get("prev")
+    # type() first: an unhashable action (a map, say) must not reach the set lookup.
+    if type(path) is not str or type(action) is not str or action not in ACTIONS:
+        return None
+    if prev is not None and (prev := _usual_cid_text(prev)) is None:
+        return None
+    collection, slash, rkey = path.partition("/")
+    if collection not in _VALID_COLLECTIONS:
+        if split_path(path)[2] is not None:
+            return None
+        if len(_VALID_COLLECTIONS) < _VALID_COLLECTIONS_MAX:
+            _VALID_COLLECTIONS.add(collection)
+    if not slash or rkey in (".", "..") or not _RECORD_KEY.fullmatch(rkey):
+        return None
+    cid = _usual_cid_text(cid_bytes) if cid_bytes is not None else None
+    if cid_bytes is not None and cid is None:
+        return None
+    if action == "delete":
+        return RecordOp(action=action, collection=collection, rkey=rkey, cid=None, prev=prev)
+    block = car_blocks.get(cid_bytes) if cid is not None else None
+    if block is None:
+        return None
+    op = RecordOp(action=action, collection=collection, rkey=rkey, cid=cid, prev=prev, record_bytes=block)
+    _decode_record(op, cid_bytes, block, verify_cids=verify_cids)
+    return op
+
+
+def _checked_commit(body: dict[str, Any], *, verify_cids: bool) -> Commit:
+    """Decode a commit field by field, raising ``DecodeError`` that names the first bad field."""
     fields = _Fields(body, "#commit")
     too_big = fields.optional_boolean("tooBig", False)
     blocks = fields.optional_bytes("blocks")
