@@ -193,7 +193,7 @@ def verify_settings(mode: str, plc_url: str, workers: int | None, key_wait: floa
 
 
 def prepare_database(database_url: str | None, migrate: bool, *, wait: bool = False) -> db.Database:
-    """Open the configured (or embedded) database and bring its schema up to date unless told not to.
+    """Open the configured (or embedded) database and bring its schema up to date unless ``migrate`` is False.
 
     ``wait``: while a configured server is unreachable, retry with backoff instead of failing, as a
     long-running command should when it starts before its database (after a reboot, say).
@@ -594,7 +594,12 @@ def backfill(
         raise typer.Exit(backfills.replay_command(database.url, settings))
 
     dids = [*(repo or []), *(read_repos_file(repos_file) if repos_file is not None else [])]
-    default_job = ALL_JOB if all_repos else RESYNC_JOB if desynchronized else REPOS_JOB
+    if all_repos:
+        default_job = ALL_JOB
+    elif desynchronized:
+        default_job = RESYNC_JOB
+    else:
+        default_job = REPOS_JOB
     settings = RepoJobSettings(job=job or default_job, concurrency=concurrency, host_rate=host_rate,
                                max_attempts=max_attempts, plc_url=plc_url, allow_local_http=allow_local_http,
                                refetch=refetch, batch_size=batch_size, work_dir=work_dir)

@@ -391,7 +391,7 @@ class StreamIndexer:
     def _handle_error_frame(self, event: ErrorFrame) -> None:
         if event.error == "FutureCursor":
             raise FutureCursorError(
-                f"the server at {self.endpoint} says our stored cursor {self.committed} is ahead of its newest "
+                f"the server at {self.endpoint} rejected our stored cursor {self.committed} as ahead of its newest "
                 f"event ({event.message or 'no message'}). Continuing would rewind the archive silently, so "
                 "indexing stopped. If the relay was reset, start a new archive or delete this stream's row "
                 "from the cursors table to start at the live tip."

@@ -9,27 +9,22 @@ labels of ``labels/signed_labels.json``. The frames themselves are built here, b
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
-import os
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import libipld
 import psycopg
-from sqlalchemy.engine import make_url
 
 from fixture_data import JETSTREAM_CORPUS, fixture_path
 from frame_builder import message_frame
+from ingest_harness import migrated_database as scratch_database  # noqa: F401 - re-exported for the tests
 from indexer.ingest import LABELS_METHOD, REPOS_METHOD, StreamIndexer
 from indexer.jsonform import from_json
 from indexer.replay import ReplayRelay, load_length_prefixed
 from indexer.runner import RunSettings, build_indexers, run_streams
 
 RUN_TIMEOUT = 30.0  # seconds a fixture replay may take before the harness gives up
-
-_database_numbers = itertools.count()
 
 
 @dataclass
@@ -104,19 +99,3 @@ def query(database_url: str, sql: str, params=None) -> list[tuple]:
         return connection.execute(sql, params).fetchall()
 
 
-@contextmanager
-def scratch_database(server_url: str, template: str) -> Iterator[str]:
-    """Create a database copied from the migrated ``template``, yield its URL, then drop it.
-
-    For module-scoped fixtures (``database_url`` is per test). ``server_url`` is the SQLAlchemy
-    URL of the server's maintenance database.
-    """
-    name = f"archive_{os.getpid()}_{next(_database_numbers)}"
-    maintenance = server_url.replace("postgresql+psycopg://", "postgresql://", 1)
-    with psycopg.connect(maintenance, autocommit=True) as connection:
-        connection.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-    try:
-        yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(maintenance, autocommit=True) as connection:
-            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
