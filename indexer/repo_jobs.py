@@ -181,18 +181,23 @@ class RepoJob:
         return (row[0], row[1]) if row else None
 
     async def _finish(self, did: str, state: str, *, error: str | None = None, rev: str | None = None,
-                      records: int | None = None, deleted: int | None = None, pds: str | None = None) -> None:
-        await self._connection.execute(
-            "UPDATE backfill_repos SET state = %s, error = %s, rev = COALESCE(%s, rev), "
-            "records = COALESCE(%s, records), deleted = COALESCE(%s, deleted), "
-            "pds_endpoint = COALESCE(%s, pds_endpoint), updated_at = now() WHERE job = %s AND did = %s",
-            (state, error, rev, records, deleted, pds, self.job, did))
+                      records: int | None = None, deleted: int | None = None, pds: str | None = None,
+                      clear_mark: datetime | None = None) -> None:
+        """Record a repo's outcome; with ``clear_mark``, also clear that desynchronized mark, atomically.
 
-    async def _clear_desynchronized(self, did: str, seen: datetime | None) -> None:
-        if seen is not None:
-            await self._connection.execute(
-                "UPDATE actors SET desynchronized_at = NULL, updated_at = now() "
-                "WHERE did = %s AND desynchronized_at = %s", (did, seen))
+        The mark is cleared only if it still holds the value seen at claim time: a repo marked again
+        while it was being fetched stays marked. Both updates share one statement so a reader never
+        sees the repo done with its old mark still set.
+        """
+        await self._connection.execute(
+            "WITH cleared AS (UPDATE actors SET desynchronized_at = NULL, updated_at = now() "
+            "                 WHERE did = %(did)s AND desynchronized_at = %(mark)s) "
+            "UPDATE backfill_repos SET state = %(state)s, error = %(error)s, rev = COALESCE(%(rev)s, rev), "
+            "records = COALESCE(%(records)s, records), deleted = COALESCE(%(deleted)s, deleted), "
+            "pds_endpoint = COALESCE(%(pds)s, pds_endpoint), updated_at = now() "
+            "WHERE job = %(job)s AND did = %(did)s",
+            {"did": did, "mark": clear_mark, "state": state, "error": error, "rev": rev, "records": records,
+             "deleted": deleted, "pds": pds, "job": self.job})
 
     async def states(self) -> dict[str, int]:
         """Return the number of the job's repos in each state."""
@@ -281,8 +286,8 @@ class RepoJob:
             self.summary.failures.append((did, str(error)))
             await self._finish(did, "failed", error=str(error), pds=pds)
             return
-        await self._finish(did, "done", rev=indexed.rev, records=indexed.records, deleted=indexed.deleted, pds=pds)
-        await self._clear_desynchronized(did, desynchronized_at)
+        await self._finish(did, "done", rev=indexed.rev, records=indexed.records, deleted=indexed.deleted, pds=pds,
+                           clear_mark=desynchronized_at)
         self.summary.repos_indexed += 1
         self.summary.records += indexed.records
         self.summary.deleted += indexed.deleted

@@ -178,10 +178,12 @@ async def test_run_with_resync_refetches_marked_repo(database_url):
         resync = lambda: resync_periodically(database_url, _settings(network), interval=0.2)  # noqa: E731
         task = asyncio.create_task(run_streams([indexer], [resync]))
         async with asyncio.timeout(30):
-            while not _query(database_url, "SELECT 1 FROM deletions WHERE did = %s AND rkey = %s", DID, STALE_POST):
+            # Regression (CI run of stop 10): waiting for the deletion row alone raced the mark's clearing.
+            while not _query(database_url, "SELECT 1 FROM backfill_repos WHERE job = 'resync' AND state = 'done'"):
                 await asyncio.sleep(0.05)
         indexer.stop()
         await task
 
     assert _mark(database_url) is None
     assert _query(database_url, "SELECT count(*) FROM posts WHERE rkey = %s", STALE_POST) == [(0,)]
+    assert _query(database_url, "SELECT count(*) FROM deletions WHERE rkey = %s", STALE_POST) == [(1,)]
