@@ -3,7 +3,10 @@
 ``StreamIndexer`` ties a ``StreamClient`` to a ``Store``. Events are decoded in arrival order and
 added to the open batch; a batch is committed when it holds ``batch_size`` events or its oldest
 event is ``batch_interval`` seconds old, in a worker thread so that receiving goes on meanwhile.
-At most one batch is being written at a time, and batches commit in stream order.
+A full batch is handed to the writer and the next one fills while it commits, so decoding overlaps
+PostgreSQL's share of the write. At most one batch is being written at a time, a full batch waits
+for the one before it (so at most two are held), and batches commit in stream order. Once a commit
+fails, no later batch commits: its cursor would cover the failed batch's events.
 
 Cursor contract: the cursor stored with a batch is the seq of its last event, and every event at or
 below it is committed. Before every reconnect the open batch is committed and the connection asks
@@ -42,7 +45,7 @@ from indexer.events import (
     Sync,
 )
 from indexer.labels import subject_did
-from indexer.store import Batch, Gap, Store
+from indexer.store import Batch, Gap, Store, StoreError
 from indexer.stream import Backoff, OversizedMessage, StreamClient
 from indexer.verifier import EventVerifier, VerifyMode, dead_letter_failures
 
@@ -94,6 +97,8 @@ class IngestCounters:
     skipped: collections.Counter = field(default_factory=collections.Counter)  # SkipReason
     dead_letters: collections.Counter = field(default_factory=collections.Counter)  # DropReason
     commit_seconds: list[float] = field(default_factory=list)
+    # Seconds from the arrival of a batch's first event to its commit, for the latest batches.
+    batch_lags: collections.deque = field(default_factory=lambda: collections.deque(maxlen=10_000))
     last_seq: int | None = None
     last_event_time: str | None = None
 
@@ -152,12 +157,13 @@ class StreamIndexer:
         self.batch = Batch(endpoint=self.endpoint)
         self.batch_started: float | None = None
         self.pending_gap: Gap | None = None
-        self.write_lock = asyncio.Lock()
+        self.write_lock = asyncio.Lock()  # held by the batch being committed; waiters commit in FIFO order
+        self.writing: asyncio.Future | None = None  # the commit of the last full batch handed over
         self.client = client_factory(self._cursor_for_connect)
         self.stopping = False
         self.abandon = False  # set on a second signal: exit without committing the open batch
         self.reached_stop_seq = False
-        self.interval_failure: Exception | None = None  # what stopped the interval flush, raised by run()
+        self.write_failure: BaseException | None = None  # the failed commit that stops run(); see _commit_in_order
 
     async def run(self) -> None:
         """Index until ``stop()`` is called or ``stop_at_seq`` is reached; commit what was received."""
@@ -170,19 +176,22 @@ class StreamIndexer:
                 async for item in self.client.frames():
                     self._handle(item)
                     if len(self.batch) >= self.batch_size:
-                        await self.flush()
+                        await self._hand_over()
                     if self.stopping:
                         break
         finally:
             timer.cancel()
             try:
-                if not self.abandon and self.interval_failure is None:
+                if self.abandon:
+                    if self.writing is not None:
+                        self.writing.cancel()
+                elif self.write_failure is None:
                     await self.flush()
             finally:
                 if self.verifier is not None:
                     await self.verifier.aclose()
-        if self.interval_failure is not None:
-            raise self.interval_failure
+        if self.write_failure is not None:
+            raise self.write_failure
         log.info("stream stopped", extra={"stream": self.endpoint, "cursor": self.committed})
 
     def stop(self) -> None:
@@ -191,29 +200,63 @@ class StreamIndexer:
         asyncio.get_running_loop().create_task(self.client.aclose())
 
     async def flush(self) -> None:
-        """Commit the open batch (waiting for an earlier one first); a no-op when it is empty.
+        """Commit the open batch after every batch handed over before it; return when all are committed.
 
         Once started, a commit runs to its end even when the flush is cancelled (the cancellation
         is raised afterwards): a batch taken out of the pipeline and dropped half way would let the
         next batch move the cursor past its events. Only a second signal (``abandon``) cuts it short.
         """
+        await self._settle(self._start_commit())
+
+    async def _hand_over(self) -> None:
+        """Start committing the full open batch and return, once the batch before it has committed."""
+        if self.writing is not None:
+            await self._settle(self.writing)
+        self.writing = self._start_commit()
+
+    def _start_commit(self) -> asyncio.Future:
+        """Take the open batch out of the pipeline and queue its commit; the future runs on its own."""
+        batch, started = self.batch, self.batch_started
+        self.batch, self.batch_started = Batch(endpoint=self.endpoint), None
+        commit = asyncio.ensure_future(self._commit_in_order(batch, started))
+        commit.add_done_callback(self._after_commit)
+        return commit
+
+    async def _settle(self, commit: asyncio.Future) -> None:
+        """Wait for ``commit`` and raise its error. When cancelled, wait for it anyway, unless ``abandon`` is set."""
+        cancelled: asyncio.CancelledError | None = None
+        while not commit.done():
+            try:
+                await asyncio.shield(commit)
+            except asyncio.CancelledError as error:
+                if self.abandon:
+                    commit.cancel()
+                    raise
+                cancelled = error
+        commit.result()
+        if cancelled is not None:
+            raise cancelled
+
+    async def _commit_in_order(self, batch: Batch, started: float | None) -> None:
+        """Commit ``batch`` after the batches queued before it. Raise StoreError if one of those failed."""
         async with self.write_lock:
-            batch, self.batch, self.batch_started = self.batch, Batch(endpoint=self.endpoint), None
+            if self.write_failure is not None:
+                raise StoreError(f"a batch of {self.endpoint} was not committed because an earlier batch "
+                                 f"failed: {self.write_failure!r}")
             if batch.is_empty():
                 return
-            commit = asyncio.ensure_future(self._commit(batch))
-            cancelled: asyncio.CancelledError | None = None
-            while not commit.done():
-                try:
-                    await asyncio.shield(commit)
-                except asyncio.CancelledError as error:
-                    if self.abandon:
-                        commit.cancel()
-                        raise
-                    cancelled = error
-            commit.result()
-            if cancelled is not None:
-                raise cancelled
+            try:
+                await self._commit(batch)
+            except Exception as error:  # not CancelledError: only abandon cancels, and nothing commits after that
+                self.write_failure = error
+                raise
+            if started is not None:
+                self.counters.batch_lags.append(time.monotonic() - started)
+
+    def _after_commit(self, commit: asyncio.Future) -> None:
+        """End ``run()`` when a commit failed, because no caller may be awaiting a batch that was handed over."""
+        if not commit.cancelled() and commit.exception() is not None:
+            asyncio.get_running_loop().create_task(self.client.aclose())
 
     async def _commit(self, batch: Batch) -> None:
         started = time.monotonic()
@@ -255,11 +298,10 @@ class StreamIndexer:
                     # the write lock while its thread still writes, letting the final flush use the same
                     # connection at the same time.
                     await asyncio.shield(self.flush())
-        except Exception as error:
-            # Nobody awaits this task until run() ends, so a failed write (StoreError) would go unseen
-            # while the stream went on without committing. Closing the client ends run(), which raises it.
-            self.interval_failure = error
-            await self.client.aclose()
+        except Exception:
+            # The failed commit is in write_failure, and _after_commit has closed the client, so
+            # run() ends and raises it.
+            return
 
     async def _with_database(self, work: Callable[[], Any]) -> Any:
         """Run blocking database ``work`` in a thread, retrying while the database is unavailable."""

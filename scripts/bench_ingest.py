@@ -295,17 +295,6 @@ def run_indexer(url: str, relay_base: str, stop_at_seq: int, batch_size: int, re
     from indexer.stream import StreamClient, endpoint_url
     from indexer.verifier import EventVerifier, VerifyMode, VerifySettings
 
-    class TimedIndexer(StreamIndexer):
-        """Records, per committed batch, the seconds from its first event's arrival to its commit."""
-
-        lags: list[float] = []
-
-        async def flush(self) -> None:
-            started, size = self.batch_started, len(self.batch)
-            await super().flush()
-            if started is not None and size:
-                self.lags.append(time.monotonic() - started)
-
     endpoint = endpoint_url(relay_base, REPOS_METHOD)
     store = Store(url, endpoint)
 
@@ -315,7 +304,7 @@ def run_indexer(url: str, relay_base: str, stop_at_seq: int, batch_size: int, re
     verifier = None
     if verify is not None:
         verifier = EventVerifier(VerifySettings(mode=VerifyMode(verify[0]), plc_url=verify[1]), url)
-    indexer = TimedIndexer(store, client_factory, batch_size=batch_size, stop_at_seq=stop_at_seq, verifier=verifier)
+    indexer = StreamIndexer(store, client_factory, batch_size=batch_size, stop_at_seq=stop_at_seq, verifier=verifier)
     tune_gc()  # as `indexer run` does
     started = time.perf_counter()
     asyncio.run(indexer.run())
@@ -326,7 +315,7 @@ def run_indexer(url: str, relay_base: str, stop_at_seq: int, batch_size: int, re
         "rows": store.rows_written,
         "seconds": elapsed,
         "peak_rss": peak_rss(),
-        "lags": TimedIndexer.lags,
+        "lags": list(indexer.counters.batch_lags),
         "batches": indexer.counters.batches,
         "verified": dict(verifier.counts) if verifier is not None else {},
     })

@@ -329,8 +329,10 @@ async def test_future_cursor_stops_with_error(database_url):
     async with ReplayRelay(frames) as labeler:
         endpoint = labels_endpoint(labeler)
         query(database_url, "INSERT INTO cursors (endpoint, seq) VALUES (%s, 50) RETURNING seq", (endpoint,))
+        # Regression (flaky in a full run): a target of 2 counted as reached by the stored cursor 50,
+        # so the run could stop before the error frame arrived. 51 is reached only by a rewind.
         with pytest.raises(ExceptionGroup) as caught:
-            await index_streams(database_url, {labeler: 2})
+            await index_streams(database_url, {labeler: 51})
 
     future = caught.value.subgroup(FutureCursorError)
     assert future is not None
