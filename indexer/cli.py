@@ -88,7 +88,7 @@ VerifyOption = Annotated[str, typer.Option(
 VerifyWorkersOption = Annotated[Optional[int], typer.Option(
     "--verify-workers", envvar="INDEXER_VERIFY_WORKERS", min=0,
     help="Worker processes that check signatures and commit proofs; 0 checks in a thread of the "
-    "indexer process. Default: half the CPUs.", show_default=False)]
+    "indexer process. Default: one per CPU, at most 8.", show_default=False)]
 VerifyKeyWaitOption = Annotated[float, typer.Option(
     "--verify-key-wait", envvar="INDEXER_VERIFY_KEY_WAIT", min=0.0,
     help="Seconds a batch commit waits for DID documents still being resolved; rows whose key is "
