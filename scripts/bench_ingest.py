@@ -124,7 +124,7 @@ def decode_ours(frame_list: list[bytes], batch_size: int) -> tuple[Figures, list
     """Decode every frame and add it to batches, as the indexer does before writing.
 
     The timed pass drops each full batch, as the indexer does once it is written. Keeping 200,000
-    events' rows made the pass about 1.8 times slower on the reference machine, from memory growth
+    events' rows made the pass about 1.8 times slower on a 2-core VM, from memory growth
     rather than decoding. A second, untimed pass builds the batches that step 3 writes.
     """
     from indexer.cli import tune_gc
@@ -322,13 +322,16 @@ def run_indexer(url: str, relay_base: str, stop_at_seq: int, batch_size: int, re
     indexer = StreamIndexer(store, client_factory, batch_size=batch_size, stop_at_seq=stop_at_seq, verifier=verifier)
     tune_gc()  # as `indexer run` does
     started = time.perf_counter()
+    cpu_started = time.process_time()
     asyncio.run(indexer.run())
     elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started
     store.close()
     result.send({
         "events": indexer.counters.indexed,
         "rows": store.rows_written,
         "seconds": elapsed,
+        "cpu_seconds": cpu,  # this process only: not the verification workers
         "peak_rss": peak_rss(),
         "lags": list(indexer.counters.batch_lags),
         "batches": indexer.counters.batches,
@@ -442,7 +445,9 @@ def print_table(machine: str, events: int, results: dict[str, Figures]) -> None:
            if extra["p50"] is not None else "no batches")
     # The same rows as step 3 (records, deletions, history) at the end-to-end event rate.
     e2e_rows = Figures("", e2e.rate * copy.extra["rows"] / events, "rows/s")
-    print(f"{e2e.label:<48} {format_rate(e2e):>22}  {extra['events']:,} events, peak RSS {extra['peak_rss'] / 2**20:.0f} MB, {lag}")
+    cpu = extra["cpu_seconds"] / extra["events"] * 1e6
+    print(f"{e2e.label:<48} {format_rate(e2e):>22}  {extra['events']:,} events, peak RSS {extra['peak_rss'] / 2**20:.0f} MB, "
+          f"indexer process CPU {cpu:.0f} µs/event, {lag}")
     print(f"{'   same, in the rows of step 3':<48} {format_rate(e2e_rows):>22}")
     print(f"{'5 ratio 1/2 (our decode / SDK decode)':<48} {ratio(ours, sdk):>22}")
     print(f"{'5 ratio 4/2 (end to end / SDK decode)':<48} {ratio(e2e, sdk):>22}")
@@ -455,7 +460,9 @@ def print_verify(results: dict[str, Figures], workers: int) -> None:
         counts = figures.extra["verified"]
         note = (f"verified true/false/null: {counts.get('true', 0)}/{counts.get('false', 0)}/{counts.get('null', 0)}, "
                 f"{workers} worker processes") if counts else ""
-        print(f"{figures.label:<48} {format_rate(figures):>22}  {figures.extra['events']:,} events {note}")
+        cpu = figures.extra["cpu_seconds"] / figures.extra["events"] * 1e6
+        print(f"{figures.label:<48} {format_rate(figures):>22}  {figures.extra['events']:,} events, "
+              f"indexer process CPU {cpu:.0f} µs/event {note}")
     print(f"{'6 ratio record / off':<48} {ratio(record, off):>22}")
 
 
