@@ -415,9 +415,7 @@ class StreamIndexer:
 
     def _add(self, event: Any) -> None:
         if self.pending_gap is not None and getattr(event, "seq", None) is not None:
-            self.pending_gap.to_seq = event.seq
-            self.batch.add(self.pending_gap)
-            self.pending_gap = None
+            self._close_gap(event.seq)
         self.batch.add(event)
         seq = getattr(event, "seq", None)
         if seq is not None:
@@ -425,6 +423,18 @@ class StreamIndexer:
             self.counters.last_seq = seq
             self.counters.last_event_time = getattr(event, "time", None)
         self._add_marker()
+
+    def _close_gap(self, seq: int) -> None:
+        """Record the pending gap as ending at ``seq``, unless no seq can be missing before it."""
+        gap, self.pending_gap = self.pending_gap, None
+        if gap.from_seq is not None and seq == gap.from_seq + 1:
+            # A server may report OutdatedCursor for a cursor just below its oldest event. Seqs are
+            # integers, so nothing lies between the cursor and this event.
+            log.info("no events missing after OutdatedCursor: the next seq follows the cursor",
+                     extra={"stream": self.endpoint, "cursor": gap.from_seq, "seq": seq})
+            return
+        gap.to_seq = seq
+        self.batch.add(gap)
 
     def _add_marker(self) -> None:
         if self.batch_started is None:

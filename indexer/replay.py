@@ -5,7 +5,8 @@ Tests, benchmarks and offline try-outs point the indexer at it instead of a real
 list of ``(seq, frame bytes)`` pairs and follows the atproto Event Stream rules for ``cursor``:
 
 - cursor inside the retained window: the frames with ``seq >= cursor``, in recorded order;
-- cursor older than the oldest frame: an ``#info`` frame ``{name: "OutdatedCursor"}``, then all frames;
+- cursor more than one below the oldest frame's seq: an ``#info`` frame ``{name: "OutdatedCursor"}``,
+  then all frames;
 - cursor above the newest seq: an error frame ``FutureCursor``, then the connection is closed;
 - no cursor: every frame by default (``NoCursor.ALL``, which tests and try-outs need), or only
   frames appended later (``NoCursor.TIP``, what a real relay does).
@@ -430,7 +431,9 @@ class ReplayRelay:
         if cursor > newest:
             message = f"cursor {cursor} is ahead of the newest seq {newest}"
             return None, error_frame("FutureCursor", message)
-        if first_wanted < oldest:
+        # The client already has ``cursor`` itself, so only a seq missing between it and the oldest
+        # retained one makes the cursor outdated, whether or not ``cursor`` is resent.
+        if cursor + 1 < oldest:
             message = f"cursor {cursor} is older than the oldest retained seq {oldest}; replaying from there"
             return 0, info_frame("OutdatedCursor", message)
         index = next((i for i, seq in enumerate(self._seqs) if seq >= first_wanted), len(self._frames))

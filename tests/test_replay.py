@@ -180,6 +180,13 @@ async def test_outdated_cursor_sends_info_first(start_relay, session, corpus_fra
     assert received[1:] == [frame for _seq, frame in corpus_frames]
 
 
+async def test_cursor_just_below_oldest_is_not_outdated(start_relay, session, corpus_frames):
+    relay = await start_relay(corpus_frames, close_at_end=True)
+    async with session.ws_connect(relay.url(), params={"cursor": str(CORPUS_OLDEST - 1)}) as ws:
+        received = await receive_until_close(ws)
+    assert received == [frame for _seq, frame in corpus_frames]
+
+
 async def test_future_cursor_sends_error_then_closes(start_relay, session, corpus_frames):
     relay = await start_relay(corpus_frames)
     async with session.ws_connect(relay.url(), params={"cursor": str(CORPUS_NEWEST + 1)}) as ws:

@@ -18,7 +18,7 @@ from frame_builder import commit_body, commit_frame, message_frame
 from indexer.errors import FutureCursorError
 from indexer.events import SkipReason
 from indexer.ingest import REPOS_METHOD
-from indexer.replay import Faults, ReplayRelay
+from indexer.replay import Faults, ReplayRelay, info_frame
 from indexer.stream import endpoint_url
 from ingest_harness import build_indexer, index_frames, run_until
 
@@ -196,6 +196,18 @@ async def test_outdated_cursor_records_gap(database_url):
 
     assert query(database_url, "SELECT from_seq, to_seq, reason FROM gaps") == [(3, 10, "OutdatedCursor")]
     assert query(database_url, "SELECT seq FROM posts ORDER BY seq") == [(10,), (11,), (12,)]
+
+
+async def test_outdated_cursor_before_next_seq_records_no_gap(database_url):
+    # Regression (newcomer walkthrough): a server that reports OutdatedCursor for the cursor just
+    # below its oldest event left a gap row although no seq can lie between them.
+    frames = [(10, info_frame("OutdatedCursor", "cursor 9 is older than 10")), post_commit(10), post_commit(11)]
+    async with ReplayRelay(frames) as relay:
+        store_cursor(database_url, relay, 9)
+        await index_frames(database_url, relay, 11)
+
+    assert query(database_url, "SELECT count(*) FROM gaps") == [(0,)]
+    assert query(database_url, "SELECT seq FROM posts ORDER BY seq") == [(10,), (11,)]
 
 
 # --- connection faults ---------------------------------------------------------------------------
