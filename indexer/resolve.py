@@ -7,7 +7,7 @@ allows only host-level did:web, so a DID with a path is rejected).
 
 Results are cached in memory and, when a database URL is given, in the ``did_documents`` table:
 a document for ``ttl``, a final failure (unknown DID, tombstoned DID, invalid document) for
-``failure_ttl``. A transient failure (timeout, connection error, 5xx, 429) is not cached, and the
+``failure_ttl`` and only while the DID resolves through the same URL. A transient failure (timeout, connection error, 5xx, 429) is not cached, and the
 last good document is returned instead when there is one, stale or not.
 
 Plain http is used only for did:web hosts 127.0.0.1, ::1 and localhost, and only with
@@ -144,7 +144,7 @@ class DidResolver:
         url = self.document_url(did)
         if isinstance(url, ResolveFailure):
             return url
-        stored = await self._from_database(did)
+        stored = await self._from_database(did, url)
         if stored is not None and stored[1] and not refresh:
             self._remember(did, stored[0])
             return stored[0]
@@ -156,7 +156,7 @@ class DidResolver:
                             extra={"did": did, "error": result.error})
                 return stored[0]
             return result
-        await self._store(did, result)
+        await self._store(did, result, url)
         self._remember(did, result)
         return result
 
@@ -228,44 +228,49 @@ class DidResolver:
                 self._connection = await psycopg.AsyncConnection.connect(self.database_url, autocommit=True)
         return self._connection
 
-    async def _from_database(self, did: str) -> tuple[DidDocument | ResolveFailure, bool] | None:
-        """Return the stored result and whether it is still fresh, or None when nothing is stored."""
+    async def _from_database(self, did: str, url: str) -> tuple[DidDocument | ResolveFailure, bool] | None:
+        """Return the stored result and whether it is still fresh, or None when nothing is stored.
+
+        A stored failure counts only if it came from ``url``: after ``--plc-url`` is corrected, the
+        DID is fetched from the new directory at once.
+        """
         connection = await self._database()
         if connection is None:
             return None
         cursor = await connection.execute(
             "SELECT document, error, "
-            "checked_at > now() - make_interval(secs => %s), checked_at > now() - make_interval(secs => %s) "
-            "FROM did_documents WHERE did = %s",
+            "checked_at > now() - make_interval(secs => %s), checked_at > now() - make_interval(secs => %s), "
+            "source_url FROM did_documents WHERE did = %s",
             (self.ttl.total_seconds(), self.failure_ttl.total_seconds(), did))
         row = await cursor.fetchone()
         if row is None:
             return None
-        document, error, fresh, failure_fresh = row
-        if error is not None and failure_fresh:
+        document, error, fresh, failure_fresh, source_url = row
+        if error is not None and failure_fresh and source_url == url:
             return ResolveFailure(did, error, final=True), True
         if document is None:
             return None
         parsed = parse_document(did, document)
         return parsed, bool(fresh) and error is None
 
-    async def _store(self, did: str, result: DidDocument | ResolveFailure) -> None:
+    async def _store(self, did: str, result: DidDocument | ResolveFailure, url: str) -> None:
         connection = await self._database()
         if connection is None:
             return
         if isinstance(result, DidDocument):
             await connection.execute(
                 "INSERT INTO did_documents (did, document, pds_endpoint, handle, signing_key, resolved_at, "
-                "checked_at, error) VALUES (%s, %s, %s, %s, %s, now(), now(), NULL) "
+                "checked_at, error, source_url) VALUES (%s, %s, %s, %s, %s, now(), now(), NULL, %s) "
                 "ON CONFLICT (did) DO UPDATE SET document = EXCLUDED.document, pds_endpoint = EXCLUDED.pds_endpoint, "
                 "handle = EXCLUDED.handle, signing_key = EXCLUDED.signing_key, resolved_at = now(), "
-                "checked_at = now(), error = NULL",
-                (did, Jsonb(result.document), result.pds_endpoint, result.handle, result.signing_key))
+                "checked_at = now(), error = NULL, source_url = EXCLUDED.source_url",
+                (did, Jsonb(result.document), result.pds_endpoint, result.handle, result.signing_key, url))
         else:
             await connection.execute(
-                "INSERT INTO did_documents (did, checked_at, error) VALUES (%s, now(), %s) "
-                "ON CONFLICT (did) DO UPDATE SET checked_at = now(), error = EXCLUDED.error",
-                (did, result.error))
+                "INSERT INTO did_documents (did, checked_at, error, source_url) VALUES (%s, now(), %s, %s) "
+                "ON CONFLICT (did) DO UPDATE SET checked_at = now(), error = EXCLUDED.error, "
+                "source_url = EXCLUDED.source_url",
+                (did, result.error, url))
 
 
 def _status_failure(did: str, url: str, status: int) -> ResolveFailure:

@@ -365,6 +365,8 @@ did_documents = Table(
     Column("checked_at", DateTime(timezone=True), nullable=False, server_default=func.now(),
            comment="When resolution was last attempted; with the cache TTL it decides when to resolve again."),
     Column("error", Text, comment="Why the last attempt failed; NULL when it succeeded."),
+    Column("source_url", Text, comment="URL of the last resolution attempt (PLC directory or did:web well-known); a cached "
+                                       "failure is reused only while the DID resolves through the same URL."),
     comment="Cache of resolved DID documents (PLC directory or did:web), with their PDS endpoint and handle.",
 )
 

@@ -122,6 +122,20 @@ async def test_final_failure_cached_in_database(database_url):
     assert network.calls(f"/{UNKNOWN_DID}") == 1
 
 
+async def test_cached_failure_ignored_after_plc_url_change(database_url):
+    # Regression (newcomer walkthrough): a 404 from a mistyped --plc-url was reused for an hour
+    # after the URL was corrected, and the error still named the old directory.
+    async with FakeNetwork() as wrong, FakeNetwork() as right:
+        right.documents[PLC_DID] = right.document_for(PLC_DID)
+        async with DidResolver(plc_url=wrong.url, database_url=database_url) as resolver:
+            first = await resolver.resolve(PLC_DID)
+        async with DidResolver(plc_url=right.url, database_url=database_url) as resolver:
+            second = await resolver.resolve(PLC_DID)
+    assert isinstance(first, ResolveFailure)
+    assert isinstance(second, DidDocument)
+    assert right.calls(f"/{PLC_DID}") == 1
+
+
 @pytest.mark.parametrize("status", [500, 429])
 async def test_server_error_is_transient_failure(status):
     async with FakeNetwork() as network:
