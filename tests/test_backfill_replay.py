@@ -131,6 +131,17 @@ async def test_replay_job_has_own_cursor_row(frames, database_url):
     assert _cursor(database_url, "live") is None
 
 
+async def test_replay_result_counts_committed_events(frames, database_url):
+    # Regression (newcomer walkthrough): the count also included the event past --until.
+    first, last = frames[0][0], frames[30][0]
+    async with ReplayRelay(frames) as relay:
+        result = await _backfill(database_url, relay, cursor=first, until=last)
+    with psycopg.connect(_libpq(database_url)) as connection:
+        committed = connection.execute("SELECT events FROM cursors WHERE job = 'backfill'").fetchone()[0]
+    assert result.events == committed
+    assert result.events == sum(1 for seq, _frame in frames if first <= seq <= last)
+
+
 async def test_outdated_cursor_reported_as_gap(frames, database_url):
     first, last = frames[0][0], frames[-1][0]
     out = io.StringIO()
