@@ -8,6 +8,7 @@ interpreter exit (``sys.exit``), also on SIGTERM and SIGHUP; see ``install_exit_
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -65,12 +66,37 @@ def start(data_dir: Path | None = None) -> EmbeddedDatabase:
     prune_dead_handle_pids(pgdata)
 
     server = _get_server(pgdata)
+    _ignore_interrupts_while_stopping()
     ensure_database(server, DATABASE_NAME)
 
     uri = server.get_uri(DATABASE_NAME)
     url = uri.replace("postgresql://", "postgresql+psycopg://", 1)
     psql = f"{_psql_path()} '{uri}'"
     return EmbeddedDatabase(data_dir=pgdata, url=url, psql_command=psql)
+
+
+def _ignore_interrupts_while_stopping() -> None:
+    """Ignore Ctrl-C from the moment the interpreter exits, so the server's shutdown is not cut short.
+
+    Registered after the server's own atexit hook, so it runs before it (atexit runs hooks in
+    reverse order). A second Ctrl-C during shutdown used to print a KeyboardInterrupt traceback
+    from that hook.
+    """
+    global _interrupts_hook_registered
+    if _interrupts_hook_registered:
+        return
+    _interrupts_hook_registered = True
+
+    def ignore_interrupts() -> None:
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except ValueError:
+            pass  # only the main thread may set handlers; atexit hooks normally run there
+
+    atexit.register(ignore_interrupts)
+
+
+_interrupts_hook_registered = False
 
 
 def check_major_version(pgdata: Path) -> None:
