@@ -92,6 +92,9 @@ class Commit:
     too_big: bool = False
     rebase: bool = False
     blocks: bytes = b""  # the CAR bytes as received, for signature and proof checks
+    # CID of the MST root after this commit (the commit block's ``data``); None when the commit
+    # block is absent or unreadable. The next commit's prev_data must equal it.
+    data: str | None = None
 
 
 @dataclass(slots=True)

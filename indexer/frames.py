@@ -397,7 +397,8 @@ def _usual_commit(body: dict[str, Any], *, verify_cids: bool) -> Commit | None:
             or type(raw_ops) is not list or (too_big is not None and too_big is not False)
             or (rebase is not None and type(rebase) is not bool)):
         return None
-    commit_cid = _usual_cid_text(get("commit"))
+    commit_cid_bytes = get("commit")
+    commit_cid = _usual_cid_text(commit_cid_bytes)
     prev_data = get("prevData")
     if commit_cid is None or (prev_data is not None and (prev_data := _usual_cid_text(prev_data)) is None):
         return None
@@ -412,7 +413,24 @@ def _usual_commit(body: dict[str, Any], *, verify_cids: bool) -> Commit | None:
             return None
         ops.append(op)
     return Commit(seq=seq, did=did, rev=rev, since=since, commit_cid=commit_cid, time=time, ops=ops,
-                  prev_data=prev_data, too_big=False, rebase=bool(rebase), blocks=blocks)
+                  prev_data=prev_data, too_big=False, rebase=bool(rebase), blocks=blocks,
+                  data=_commit_data(car_blocks, commit_cid_bytes))
+
+
+def _commit_data(car_blocks: dict[bytes, bytes], commit_cid: Any) -> str | None:
+    """Return the MST root CID named by the commit block, or None when it is absent or unreadable.
+
+    The block's hash is not checked here. A forged block can therefore cause a needless refetch, or
+    hide a missed commit; with verification on, the commit's signature check reports it.
+    """
+    block = car_blocks.get(commit_cid) if type(commit_cid) is bytes else None
+    if block is None:
+        return None
+    try:
+        commit = libipld.decode_dag_cbor(block)
+    except (ValueError, RecursionError):
+        return None
+    return _usual_cid_text(commit.get("data")) if type(commit) is dict else None
 
 
 def _usual_op(raw_op: Any, car_blocks: dict[bytes, bytes], *, verify_cids: bool) -> RecordOp | None:
@@ -475,6 +493,7 @@ def _checked_commit(body: dict[str, Any], *, verify_cids: bool) -> Commit:
         _record_op(index, raw_op, car_blocks, too_big=too_big, verify_cids=verify_cids)
         for index, raw_op in enumerate(raw_ops)
     ]
+    commit.data = _commit_data(car_blocks, body.get("commit"))
     return commit
 
 

@@ -193,7 +193,7 @@ def _single_op_commit(commit: RepoCommit, op: RecordOp) -> Commit:
     # One event per record, so that a batch the database rejects is split down to the one record.
     # seq None: rows from an export carry no stream position, and the batch moves no cursor.
     return Commit(seq=None, did=commit.did, rev=commit.rev, since=None, commit_cid=commit.cid, time=None,
-                  ops=[op], blocks=op.record_bytes or b"")
+                  ops=[op], blocks=op.record_bytes or b"", data=cid_to_str(commit.data))
 
 
 def _record_absent_records(store: Store, commit: RepoCommit, unreadable: set[tuple[str, str]], batch_size: int) -> int:

@@ -235,7 +235,9 @@ actors = Table(
     Column("identity_seq", BigInteger, comment="Sequence number of the event that set handle."),
     Column("account_seq", BigInteger, comment="Sequence number of the event that set active and status."),
     Column("desynchronized_at", DateTime(timezone=True),
-           comment="Set when a #sync event (or a commit that does not follow rev) means the repo must be refetched; cleared by a resync."),
+           comment="Set when a #sync event (or a commit that does not follow rev or data_cid) means the repo must be refetched; cleared by a resync."),
+    Column("data_cid", ID, comment="MST root CID at rev (the commit's data); NULL when unknown. "
+                                   "A newer commit whose prevData differs marks the repo desynchronized."),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now(),
            comment="When the indexer last changed this row."),
     comment="One row per account seen on any stream, with its current handle, status and repo revision.",

@@ -60,6 +60,8 @@ class ActorUpdate:
     first_since: str | None = None
     first_rev: str | None = None
     first_time: datetime | None = None  # event time of that first commit, for the desynchronized mark
+    first_prev_data: str | None = None  # prevData of that first commit, checked against the stored data_cid
+    data: str | None = None  # MST root CID at rev; None when unknown (after a #sync, say)
 
 
 @dataclass(slots=True)
@@ -199,6 +201,8 @@ class Batch:
         self._add_history("sync_events", event, time, rev=event.rev, commit_cid=None, **UNCHECKED)
         actor = self._actor(event.did)
         actor.desynchronized_at = time or datetime.now().astimezone()
+        if actor.rev is None or event.rev > actor.rev:
+            actor.data = None  # the MST root at the sync's rev is not read
         actor.rev = _newer(actor.rev, event.rev)
 
     def _add_commit(self, commit: Commit, time: datetime | None) -> None:
@@ -206,13 +210,18 @@ class Batch:
         if actor.rev is None:
             actor.first_since, actor.first_rev = commit.since, commit.rev
             actor.first_time = time or datetime.now().astimezone()
-        elif commit.since is not None and commit.since != actor.rev and commit.rev > actor.rev:
+            actor.first_prev_data = commit.prev_data
+        elif commit.rev > actor.rev and not _follows(commit, actor):
             # A commit that does not follow the previous one: commits were missed, refetch the repo.
             actor.desynchronized_at = time or datetime.now().astimezone()
         if commit.too_big:
             # A deprecated tooBig commit may come without the blocks of its records, which are then
             # dead-lettered: only a repo refetch (indexer backfill --desynchronized) recovers them.
             actor.desynchronized_at = time or datetime.now().astimezone()
+        if actor.rev is None or commit.rev > actor.rev:
+            actor.data = commit.data
+        elif commit.rev == actor.rev and actor.data is None:
+            actor.data = commit.data
         actor.rev = _newer(actor.rev, commit.rev)
         for op in commit.ops:
             if op.error is not None:
@@ -273,6 +282,17 @@ def _set_verification(row: dict[str, Any], outcome: Any) -> None:
 
 
 BIGINT_MIN, BIGINT_MAX = -(2**63), 2**63 - 1
+
+
+def _follows(commit: Commit, actor: ActorUpdate) -> bool:
+    """True unless ``commit`` names a previous rev or MST root other than the account's latest.
+
+    ``since`` is the previous commit's rev; ``prevData`` (Sync 1.1) its MST root. Either one
+    absent, or an unknown root, is no evidence of a missed commit.
+    """
+    if commit.since is not None and commit.since != actor.rev:
+        return False
+    return commit.prev_data is None or actor.data is None or commit.prev_data == actor.data
 
 
 def _without_nul(text: str | None) -> str | None:
@@ -548,7 +568,8 @@ def _create_staging_tables(connection: psycopg.Connection) -> None:
             'handle text COLLATE "C", identity_seq bigint, active boolean, status text COLLATE "C", '
             'account_seq bigint, rev text COLLATE "C", last_seq bigint, last_time timestamptz, '
             'desynchronized_at timestamptz, first_since text COLLATE "C", first_rev text COLLATE "C", '
-            'first_time timestamptz) ON COMMIT DELETE ROWS')
+            'first_time timestamptz, first_prev_data text COLLATE "C", data_cid text COLLATE "C") '
+            'ON COMMIT DELETE ROWS')
     connection.commit()
 
 
@@ -653,16 +674,18 @@ _DELETE_IS_NEWER = _delete_is_newer_condition()
 
 
 _ACTOR_COLUMNS = ("did", "handle", "identity_seq", "active", "status", "account_seq", "rev", "last_seq",
-                  "last_time", "desynchronized_at", "first_since", "first_rev", "first_time")
+                  "last_time", "desynchronized_at", "first_since", "first_rev", "first_time", "first_prev_data",
+                  "data_cid")
 
 _ACTOR_COPY_TYPES = ("text", "text", "int8", "bool", "text", "int8", "text", "int8", "timestamptz", "timestamptz",
-                     "text", "text", "timestamptz")
+                     "text", "text", "timestamptz", "text", "text")
 
 # ORDER BY did keeps a fixed lock order, which avoids deadlocks between concurrent writers.
 ACTOR_UPSERT = """
 INSERT INTO actors (did, handle, identity_seq, active, status, account_seq, rev, last_seq, last_time,
-                    desynchronized_at)
-SELECT did, handle, identity_seq, active, status, account_seq, rev, last_seq, last_time, desynchronized_at
+                    desynchronized_at, data_cid)
+SELECT did, handle, identity_seq, active, status, account_seq, rev, last_seq, last_time, desynchronized_at,
+       data_cid
 FROM staging_actors ORDER BY did
 ON CONFLICT (did) DO UPDATE SET
     handle = CASE WHEN EXCLUDED.identity_seq > COALESCE(actors.identity_seq, -1)
@@ -674,14 +697,21 @@ ON CONFLICT (did) DO UPDATE SET
                   THEN EXCLUDED.status ELSE actors.status END,
     account_seq = GREATEST(actors.account_seq, EXCLUDED.account_seq),
     rev = GREATEST(actors.rev, EXCLUDED.rev),
+    -- The root at the newest rev; NULL (unknown) when a newer rev comes without one.
+    data_cid = CASE WHEN actors.rev IS NULL OR EXCLUDED.rev > actors.rev THEN EXCLUDED.data_cid
+                    WHEN EXCLUDED.rev = actors.rev THEN COALESCE(actors.data_cid, EXCLUDED.data_cid)
+                    ELSE actors.data_cid END,
     last_time = CASE WHEN EXCLUDED.last_seq > COALESCE(actors.last_seq, -1)
                      THEN EXCLUDED.last_time ELSE actors.last_time END,
     last_seq = GREATEST(actors.last_seq, EXCLUDED.last_seq),
     desynchronized_at = COALESCE(
         EXCLUDED.desynchronized_at,
-        -- The batch's first commit is newer than the stored rev but does not follow it.
-        (SELECT CASE WHEN s.first_since IS NOT NULL AND actors.rev IS NOT NULL
-                      AND s.first_rev > actors.rev AND s.first_since <> actors.rev
+        -- The batch's first commit is newer than the stored rev but does not follow it: its since
+        -- is another rev, or its prevData another MST root.
+        (SELECT CASE WHEN actors.rev IS NOT NULL AND s.first_rev > actors.rev
+                      AND ((s.first_since IS NOT NULL AND s.first_since <> actors.rev)
+                           OR (s.first_prev_data IS NOT NULL AND actors.data_cid IS NOT NULL
+                               AND s.first_prev_data <> actors.data_cid))
                  THEN s.first_time END
          FROM staging_actors s WHERE s.did = EXCLUDED.did),
         actors.desynchronized_at),
@@ -699,7 +729,8 @@ def _apply_actors(cursor: psycopg.Cursor, actors: dict[str, ActorUpdate]) -> Non
         for did, update in actors.items():
             copy.write_row((did, update.handle, update.identity_seq, update.active, update.status,
                             update.account_seq, update.rev, update.last_seq, update.last_time,
-                            update.desynchronized_at, update.first_since, update.first_rev, update.first_time))
+                            update.desynchronized_at, update.first_since, update.first_rev, update.first_time,
+                            update.first_prev_data, update.data))
     cursor.execute(ACTOR_UPSERT)
 
 

@@ -54,9 +54,14 @@ def _write(database_url: str, *events) -> None:
     store.close()
 
 
-def _commit(seq: int, rev: str, since: str | None, ops=()) -> Commit:
+def _commit(seq: int, rev: str, since: str | None, ops=(), *, data: str | None = None,
+            prev_data: str | None = None) -> Commit:
     return Commit(seq=seq, did=DID, rev=rev, since=since, commit_cid="bafytest", time="2026-01-01T00:00:00Z",
-                  ops=list(ops))
+                  ops=list(ops), data=data, prev_data=prev_data)
+
+
+ROOT_A = libipld.encode_cid(cid_for(b"mst root a"))
+ROOT_B = libipld.encode_cid(cid_for(b"mst root b"))
 
 
 def _mark(database_url: str):
@@ -78,6 +83,34 @@ def test_commit_not_following_rev_marks_repo(database_url):
 def test_broken_chain_within_batch_marks_repo(database_url):
     _write(database_url, _commit(1, "3aaaaaaaaaaa2", None), _commit(3, "3aaaaaaaaaaa5", "3aaaaaaaaaaa4"))
     assert _mark(database_url) is not None
+
+
+def test_commit_following_data_leaves_mark_unset(database_url):
+    _write(database_url, _commit(1, "3aaaaaaaaaaa2", None, data=ROOT_A))
+    _write(database_url, _commit(2, "3aaaaaaaaaaa3", "3aaaaaaaaaaa2", data=ROOT_B, prev_data=ROOT_A))
+    assert _mark(database_url) is None
+
+
+def test_commit_with_other_prev_data_marks_repo(database_url):
+    _write(database_url, _commit(1, "3aaaaaaaaaaa2", None, data=ROOT_A))
+    _write(database_url, _commit(2, "3aaaaaaaaaaa3", "3aaaaaaaaaaa2", data=ROOT_A, prev_data=ROOT_B))
+    assert _mark(database_url) is not None
+
+
+def test_other_prev_data_within_batch_marks_repo(database_url):
+    _write(database_url, _commit(1, "3aaaaaaaaaaa2", None, data=ROOT_A),
+           _commit(2, "3aaaaaaaaaaa3", "3aaaaaaaaaaa2", data=ROOT_A, prev_data=ROOT_B))
+    assert _mark(database_url) is not None
+
+
+def test_prev_data_after_sync_leaves_mark_unset(database_url):
+    # After a #sync the root at the stored rev is unknown, so no prevData can contradict it.
+    _write(database_url, _commit(1, "3aaaaaaaaaaa2", None, data=ROOT_A))
+    _write(database_url, Sync(seq=2, did=DID, rev="3aaaaaaaaaaa3", time="2026-01-01T00:00:00Z"))
+    with psycopg.connect(_libpq(database_url)) as connection:
+        connection.execute("UPDATE actors SET desynchronized_at = NULL")
+    _write(database_url, _commit(3, "3aaaaaaaaaaa4", "3aaaaaaaaaaa3", data=ROOT_A, prev_data=ROOT_B))
+    assert _mark(database_url) is None
 
 
 def test_replayed_old_commit_leaves_mark_unset(database_url):

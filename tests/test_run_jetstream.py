@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import psycopg
+import libipld
 import pytest
 
 from fixture_data import JETSTREAM_CORPUS, PROTORUNE_FRAMES, fixture_path
@@ -236,3 +237,22 @@ def test_protorune_post_quote_and_thumb(indexed_protorune):
 def test_protorune_identity_without_handle(indexed_protorune):
     rows = query(indexed_protorune, "SELECT seq, did, handle FROM identity_events")
     assert rows == [(32625561603, "did:plc:hoyoz2vqz74upepwfqoxcooz", None)]
+
+
+def test_run_command_actor_data_cid_from_commit_block(indexed_corpus, corpus_frames):
+    # The newest commit of each repo names its MST root in the commit block of its CAR.
+    newest: dict[str, tuple[str, str]] = {}
+    for _seq, frame in corpus_frames:
+        header, body = libipld.decode_dag_cbor_multi(frame)
+        if header.get("t") != "#commit":
+            continue
+        blocks = libipld.decode_car(body["blocks"])[1]
+        root = blocks[body["commit"]]["data"]
+        if body["repo"] not in newest or body["rev"] > newest[body["repo"]][0]:
+            newest[body["repo"]] = (body["rev"], libipld.encode_cid(root))
+    stored = dict(query(indexed_corpus["url"], "SELECT did, data_cid FROM actors WHERE rev IS NOT NULL"))
+    assert stored == {did: data for did, (_rev, data) in newest.items()}
+
+
+def test_run_command_real_commits_mark_no_repo(indexed_corpus):
+    assert query(indexed_corpus["url"], "SELECT did FROM actors WHERE desynchronized_at IS NOT NULL") == []
