@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any
 
 from indexer import frames
@@ -98,13 +99,15 @@ class Firehose:
         self._task = asyncio.current_task()
         subscribe = subscribe_labels if self.labels else subscribe_repos
         try:
-            async for event in subscribe(self.url, self.cursor, **self.options):
-                on_event(event)
-                seq = getattr(event, "seq", None)
-                if seq is not None:
-                    self.cursor = seq
-                if self._stopped.is_set():
-                    return
+            # aclosing: returning early must close the connection while the loop still runs.
+            async with aclosing(subscribe(self.url, self.cursor, **self.options)) as events:
+                async for event in events:
+                    on_event(event)
+                    seq = getattr(event, "seq", None)
+                    if seq is not None:
+                        self.cursor = seq
+                    if self._stopped.is_set():
+                        return
         except asyncio.CancelledError:
             if not self._stopped.is_set():
                 raise
