@@ -48,7 +48,7 @@ class StreamSample:
     committed: int | None  # cursor committed to the database
     indexed: int  # events committed
     received: int  # frames received
-    rows_written: int
+    rows_written: int  # record rows plus history rows (labels, identity and account events)
     dead_letters: int
     lag: float | None
 
@@ -73,7 +73,7 @@ def sample_indexers(indexers: Sequence) -> Callable[[], list[StreamSample]]:
                 committed=indexer.committed,
                 indexed=indexer.counters.indexed,
                 received=indexer.counters.received,
-                rows_written=indexer.store.rows_written,
+                rows_written=indexer.store.rows_written + indexer.store.history_rows_written,
                 dead_letters=sum(indexer.counters.dead_letters.values()),
                 lag=event_lag(indexer.counters.last_event_time, now),
             )
@@ -110,7 +110,9 @@ def status_line(samples: Sequence[StreamSample], rates: dict[str, float]) -> Tex
     for sample in samples:
         line.append(short_stream(sample.stream), style="bold")
         line.append(f" {rates.get(sample.stream, 0.0):,.0f} events/s")
-        line.append(f" seq {sample.seq if sample.seq is not None else '-'}")
+        # Before the first event of this run, the committed cursor is the stream's position.
+        position = sample.seq if sample.seq is not None else sample.committed
+        line.append(f" seq {position if position is not None else '-'}")
         line.append(" lag ")
         line.append(format_duration(sample.lag), style=_lag_style(sample.lag))
         line.append(" | ")

@@ -344,7 +344,8 @@ class Store:
         self.job = job
         self.exclusive = exclusive
         self.connection: psycopg.Connection | None = None
-        self.rows_written = 0
+        self.rows_written = 0  # record rows (typed tables and records)
+        self.history_rows_written = 0  # labels, identity, account and sync event rows
         self.dead_letters_written = 0
 
     def connect(self) -> None:
@@ -464,6 +465,9 @@ class Store:
                 "This is a bug in indexer or a schema that does not match it; run `indexer db upgrade`."
             ) from error
         self.rows_written += sum(len(rows) for rows in batch.records.values())
+        # Labels, identity and account events. Rows already stored count too, because ON CONFLICT
+        # DO NOTHING does not report them.
+        self.history_rows_written += sum(len(rows) for rows in batch.history.values())
         self.dead_letters_written += len(batch.dead_letters)
 
     def _apply(self, cursor: psycopg.Cursor, batch: Batch) -> None:

@@ -407,3 +407,11 @@ async def test_rejected_label_frame_dead_lettered_whole(database_url):
     assert decode_label_frame(bytes(dead[0][2])) == decode_label_frame(frames[0][1])
     assert [row["val"] for row in label_rows(database_url)] == ["later"]
     assert cursor_rows(database_url) == {endpoint: 2}
+
+
+async def test_label_rows_counted_in_progress(database_url):
+    # Regression (newcomer walkthrough): the progress line said rows 0 for a label stream.
+    frames = [labels_frame(1, [label(src=LABELER, uri=ACCOUNT, val="spam"), label(src=LABELER, uri=ACCOUNT, val="porn")])]
+    async with ReplayRelay(frames) as labeler:
+        (indexer,) = await index_streams(database_url, {labeler: 1})
+    assert indexer.store.history_rows_written == 2

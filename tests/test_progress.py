@@ -96,3 +96,9 @@ def test_status_line_marks_dead_letters():
                                            (10920, "3h02m")])
 def test_duration_format(seconds, text):
     assert format_duration(seconds) == text
+
+
+def test_status_line_shows_committed_seq_before_first_event():
+    sample = StreamSample(stream="ws://relay", seq=None, committed=41, indexed=0, received=0, rows_written=0,
+                          dead_letters=0, lag=None)
+    assert " seq 41" in status_line([sample], {"ws://relay": 0.0}).plain
