@@ -360,7 +360,7 @@ def status(
 
     setup()
     database = db.open_database(database_url, announce=announce)
-    result = read_status(database.url)
+    result = read_status(database.url, display=database.display_url)
     if json_output:
         typer.echo(json.dumps(result.to_json(), indent=2))
     else:

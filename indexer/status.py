@@ -72,12 +72,15 @@ class Status:
         return _jsonable(asdict(self))
 
 
-def read_status(url: str) -> Status:
-    """Read the status of the archive at ``url``; raise DatabaseUnavailable when it cannot be reached."""
+def read_status(url: str, display: str | None = None) -> Status:
+    """Read the status of the archive at ``url``; raise DatabaseUnavailable when it cannot be reached.
+
+    ``display`` is how the report names the database (default: the URL without its password).
+    """
     try:
         with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://", 1)) as connection:
             connection.read_only = True
-            return _read(connection, redact_url(url))
+            return _read(connection, display or redact_url(url))
     except psycopg.OperationalError as error:
         raise DatabaseUnavailable(
             f"reading the status from {redact_url(url)} failed: {str(error).strip().splitlines()[0]}"
