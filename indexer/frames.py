@@ -185,7 +185,9 @@ def _item_end(data: bytes, offset: int) -> int:
     length = len(data)
     while pending:
         if offset >= length:
-            raise DecodeError(DropReason.INVALID_FRAME, f"frame ends inside a CBOR item at byte {offset}")
+            # A string's declared length can carry offset past the end, so state both sizes.
+            raise DecodeError(DropReason.INVALID_FRAME,
+                              f"frame of {length} bytes ends inside a CBOR item: at least {offset + 1} bytes needed")
         initial = data[offset]
         offset += 1
         pending -= 1
@@ -210,7 +212,8 @@ def _item_end(data: bytes, offset: int) -> int:
         elif major == 6:
             pending += 1
     if offset > length:
-        raise DecodeError(DropReason.INVALID_FRAME, "frame ends inside a CBOR item")
+        raise DecodeError(DropReason.INVALID_FRAME,
+                          f"frame of {length} bytes ends inside a CBOR item: {offset} bytes needed")
     return offset
 
 

@@ -570,3 +570,10 @@ def test_label_stream_info_and_unknown() -> None:
 
 def test_label_error_frame() -> None:
     assert decode_label_frame(error_frame("ConsumerTooSlow")) == ErrorFrame("ConsumerTooSlow")
+
+
+def test_truncated_header_error_states_frame_size():
+    # Regression (newcomer walkthrough): a 17-byte frame was said to end "at byte 24".
+    frame = b"\xa2\x61t\x78\x20" + b"x" * 12  # a text string declaring 32 bytes, 12 present
+    with pytest.raises(DecodeError, match="frame of 17 bytes ends inside a CBOR item"):
+        decode_header(frame)
