@@ -6,7 +6,8 @@ event is ``batch_interval`` seconds old, in a worker thread so that receiving go
 A full batch is handed to the writer and the next one fills while it commits, so decoding overlaps
 PostgreSQL's share of the write. At most one batch is being written at a time, a full batch waits
 for the one before it (so at most two are held), and batches commit in stream order. Once a commit
-fails, no later batch commits: its cursor would cover the failed batch's events.
+fails or is abandoned (a second signal), no later batch commits: its cursor would cover the events
+of the batch that did not commit.
 
 Cursor contract: the cursor stored with a batch is the seq of its last event, and every event at or
 below it is committed. Before every reconnect the open batch is committed and the connection asks
@@ -45,7 +46,7 @@ from indexer.events import (
     Sync,
 )
 from indexer.labels import subject_did
-from indexer.store import Batch, Gap, Store, StoreError
+from indexer.store import Batch, Gap, Store
 from indexer.stream import Backoff, OversizedMessage, StreamClient
 from indexer.verifier import EventVerifier, VerifyMode, dead_letter_failures
 
@@ -159,6 +160,8 @@ class StreamIndexer:
         self.pending_gap: Gap | None = None
         self.write_lock = asyncio.Lock()  # held by the batch being committed; waiters commit in FIFO order
         self.writing: asyncio.Future | None = None  # the commit of the last full batch handed over
+        self.commits: set[asyncio.Future] = set()  # commits queued or running, cancelled on abandon
+        self.commit_abandoned = False  # a commit was cancelled (abandon): no later batch may commit
         self.client = client_factory(self._cursor_for_connect)
         self.stopping = False
         self.abandon = False  # set on a second signal: exit without committing the open batch
@@ -183,8 +186,8 @@ class StreamIndexer:
             timer.cancel()
             try:
                 if self.abandon:
-                    if self.writing is not None:
-                        self.writing.cancel()
+                    for commit in list(self.commits):
+                        commit.cancel()
                 elif self.write_failure is None:
                     await self.flush()
             finally:
@@ -219,6 +222,7 @@ class StreamIndexer:
         batch, started = self.batch, self.batch_started
         self.batch, self.batch_started = Batch(endpoint=self.endpoint), None
         commit = asyncio.ensure_future(self._commit_in_order(batch, started))
+        self.commits.add(commit)
         commit.add_done_callback(self._after_commit)
         return commit
 
@@ -238,23 +242,34 @@ class StreamIndexer:
             raise cancelled
 
     async def _commit_in_order(self, batch: Batch, started: float | None) -> None:
-        """Commit ``batch`` after the batches queued before it. Raise StoreError if one of those failed."""
+        """Commit ``batch`` after the batches queued before it, unless one of those did not commit.
+
+        After a failed commit, its error is raised again here. After an abandoned (cancelled) one,
+        this commit is cancelled too. Either way the cursor must not move past the events of the
+        earlier batch. Also when a cancelled commit's thread is still writing, no second write may
+        start on the same connection.
+        """
         async with self.write_lock:
+            if self.commit_abandoned:
+                raise asyncio.CancelledError
             if self.write_failure is not None:
-                raise StoreError(f"a batch of {self.endpoint} was not committed because an earlier batch "
-                                 f"failed: {self.write_failure!r}")
+                raise self.write_failure
             if batch.is_empty():
                 return
             try:
                 await self._commit(batch)
-            except Exception as error:  # not CancelledError: only abandon cancels, and nothing commits after that
+            except asyncio.CancelledError:
+                self.commit_abandoned = True
+                raise
+            except Exception as error:
                 self.write_failure = error
                 raise
             if started is not None:
                 self.counters.batch_lags.append(time.monotonic() - started)
 
     def _after_commit(self, commit: asyncio.Future) -> None:
-        """End ``run()`` when a commit failed, because no caller may be awaiting a batch that was handed over."""
+        """Forget a finished commit. When it failed, end ``run()``, because run() may not be awaiting it."""
+        self.commits.discard(commit)
         if not commit.cancelled() and commit.exception() is not None:
             asyncio.get_running_loop().create_task(self.client.aclose())
 
@@ -409,6 +424,8 @@ class StreamIndexer:
         """Let the cursor move past an event that adds no rows (filtered or skipped)."""
         seq = getattr(event, "seq", None)
         if seq is not None and not self._seen(seq):
+            if self.pending_gap is not None:
+                self._close_gap(seq)  # the first seq the server sent after the gap, kept or not
             self.batch.cursor = seq
             self.accepted = seq
             self._add_marker()

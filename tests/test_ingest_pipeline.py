@@ -12,6 +12,7 @@ import threading
 import pytest
 
 from fixture_data import JETSTREAM_CORPUS, fixture_path
+from indexer.errors import DatabaseUnavailable
 from indexer.replay import ReplayRelay, load_length_prefixed
 from indexer.store import StoreError
 from ingest_harness import build_indexer
@@ -91,3 +92,43 @@ async def test_failed_commit_stops_later_batches(database_url, corpus_frames):
     assert writes.cursors == [corpus_frames[BATCH_SIZE - 1][0]]  # the second batch never reached the store
     assert cursor is None
     assert indexer.committed is None
+
+
+class SlowRetry:
+    """A database backoff that keeps a failed commit waiting long enough for the test to act."""
+
+    def next_delay(self) -> float:
+        return 5.0
+
+    def reset(self) -> None:
+        pass
+
+
+async def test_abandoned_commit_blocks_queued_commits(database_url, corpus_frames):
+    # Regression (review of the background commit): a second signal cancelled the commit in flight,
+    # and the interval flush queued behind it then committed a cursor past the cancelled batch.
+    async with ReplayRelay(corpus_frames) as relay:
+        indexer = build_indexer(database_url, relay, batch_size=BATCH_SIZE, batch_interval=0.1)
+        indexer.db_backoff = SlowRetry()
+        write = indexer.store.write
+        cursors = []
+
+        def fail_first(batch):
+            cursors.append(batch.cursor)
+            if len(cursors) == 1:
+                raise DatabaseUnavailable("the test's database is down")
+            return write(batch)
+
+        indexer.store.write = fail_first
+        task = asyncio.create_task(indexer.run())
+        await _wait_for(lambda: cursors and indexer.counters.received >= 2 * BATCH_SIZE and len(indexer.commits) >= 2)
+        indexer.abandon = True  # what a second signal does before cancelling the main task
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.3)  # a queued commit that was not cancelled would run now
+        stored = indexer.store.read_cursor()
+        indexer.store.close()
+
+    assert cursors == [corpus_frames[BATCH_SIZE - 1][0]]
+    assert stored is None

@@ -17,7 +17,7 @@ import pytest
 from frame_builder import commit_body, commit_frame, message_frame
 from indexer.errors import FutureCursorError
 from indexer.events import SkipReason
-from indexer.ingest import REPOS_METHOD
+from indexer.ingest import REPOS_METHOD, Filters
 from indexer.replay import Faults, ReplayRelay, info_frame
 from indexer.stream import endpoint_url
 from ingest_harness import build_indexer, index_frames, run_until
@@ -196,6 +196,19 @@ async def test_outdated_cursor_records_gap(database_url):
 
     assert query(database_url, "SELECT from_seq, to_seq, reason FROM gaps") == [(3, 10, "OutdatedCursor")]
     assert query(database_url, "SELECT seq FROM posts ORDER BY seq") == [(10,), (11,), (12,)]
+
+
+async def test_outdated_cursor_gap_ends_at_first_seq_sent(database_url):
+    # Regression (review): events filtered out after OutdatedCursor did not close the gap, so it
+    # ended at the first event kept instead of the first one the server sent.
+    other = "did:plc:bbbbbbbbbbbbbbbbbbbbbbbb"
+    frames = [(seq, commit_frame(seq, other, tid(seq), [("create", f"{POST}/b{seq}", post("other"))]))
+              for seq in (10, 11)] + [post_commit(12)]
+    async with ReplayRelay(frames) as relay:
+        store_cursor(database_url, relay, 3)
+        await index_frames(database_url, relay, 12, filters=Filters(dids=frozenset({DID})))
+
+    assert query(database_url, "SELECT from_seq, to_seq, reason FROM gaps") == [(3, 10, "OutdatedCursor")]
 
 
 async def test_outdated_cursor_before_next_seq_records_no_gap(database_url):
