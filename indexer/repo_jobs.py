@@ -183,9 +183,9 @@ class RepoJob:
     async def _finish(self, did: str, state: str, *, error: str | None = None, rev: str | None = None,
                       records: int | None = None, deleted: int | None = None, pds: str | None = None,
                       clear_mark: datetime | None = None) -> None:
-        """Record a repo's outcome; with ``clear_mark``, also clear that desynchronized mark, atomically.
+        """Record a repo's outcome. With ``clear_mark``, also clear that desynchronized mark, atomically.
 
-        The mark is cleared only if it still holds the value seen at claim time: a repo marked again
+        The mark is cleared only if it still has the value seen at claim time, so a repo marked again
         while it was being fetched stays marked. Both updates share one statement so a reader never
         sees the repo done with its old mark still set.
         """
