@@ -172,13 +172,18 @@ class ProgressReporter:
 
     async def _run_logging(self) -> None:
         last_logged = time.monotonic()
+        indexed_at_last_log = {sample.stream: sample.indexed for sample in self.sample()}
         while True:
             await asyncio.sleep(self.refresh)
-            samples, rates = self.tick()
-            if time.monotonic() - last_logged >= self.log_interval:
-                last_logged = time.monotonic()
+            samples, _rates = self.tick()
+            now = time.monotonic()
+            if now - last_logged >= self.log_interval:
+                # The rate over the whole interval: the last refresh alone may have seen no event.
                 for sample in samples:
-                    self.log_progress(sample, rates.get(sample.stream, 0.0))
+                    indexed = sample.indexed - indexed_at_last_log.get(sample.stream, 0)
+                    self.log_progress(sample, indexed / (now - last_logged))
+                    indexed_at_last_log[sample.stream] = sample.indexed
+                last_logged = now
 
     def tick(self) -> tuple[list[StreamSample], dict[str, float]]:
         """Take one sample, log lag state changes, and return the samples with events/s per stream."""

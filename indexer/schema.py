@@ -235,7 +235,8 @@ actors = Table(
     Column("identity_seq", BigInteger, comment="Sequence number of the event that set handle."),
     Column("account_seq", BigInteger, comment="Sequence number of the event that set active and status."),
     Column("desynchronized_at", DateTime(timezone=True),
-           comment="Set when a #sync event (or a commit that does not follow rev or data_cid) means the repo must be refetched; cleared by a resync."),
+           comment="Event time of the #sync event, or of the first commit that does not follow rev or data_cid, that "
+                   "showed the repo must be refetched (the clock time when the event has no time); cleared by a resync."),
     Column("data_cid", ID, comment="MST root CID at rev (the commit's data); NULL when unknown. "
                                    "A newer commit whose prevData differs marks the repo desynchronized."),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now(),

@@ -199,7 +199,9 @@ def print_status(status: Status, console: Console) -> None:
     if status.backfill is None:
         console.print("Backfill: this database has no backfill table (run `indexer db upgrade`)")
     else:
-        _print_rows(console, "Backfill repos by state", status.backfill, "no backfill jobs")
+        # Replay jobs (backfill --cursor) are streams and appear in the streams table.
+        _print_rows(console, "Repo backfill jobs (--repo, --all, --desynchronized), repos by state", status.backfill,
+                    "no repo backfill jobs")
 
 
 def _print_rows(console: Console, title: str, rows: list[dict[str, Any]], empty: str | None) -> None:

@@ -102,3 +102,22 @@ def test_status_line_shows_committed_seq_before_first_event():
     sample = StreamSample(stream="ws://relay", seq=None, committed=41, indexed=0, received=0, rows_written=0,
                           dead_letters=0, lag=None)
     assert " seq 41" in status_line([sample], {"ws://relay": 0.0}).plain
+
+
+async def test_logged_rate_covers_whole_interval(caplog):
+    # Regression (newcomer walkthrough): a log line every 3 s showed the rate of its last 1 s sample,
+    # 0.0 events/s although 112 events were indexed within the interval.
+    counts = iter([0, 0, 112, 112, 112, 112, 112, 112, 112, 112])
+
+    def sampler() -> list[StreamSample]:
+        return [StreamSample(stream="ws://relay", seq=1, committed=1, indexed=next(counts, 112), received=112,
+                             rows_written=0, dead_letters=0, lag=None)]
+
+    reporter = ProgressReporter(sampler, console=Console(file=io.StringIO()), refresh=0.05, log_interval=0.2)
+    with caplog.at_level(logging.INFO, logger="indexer.progress"):
+        task = asyncio.create_task(reporter.run())
+        while not any(record.getMessage().startswith("progress:") for record in caplog.records):
+            await asyncio.sleep(0.01)
+        task.cancel()
+    first = next(record for record in caplog.records if record.getMessage().startswith("progress:"))
+    assert not first.getMessage().startswith("progress: 0.0 events/s")

@@ -26,8 +26,9 @@ def upgrade() -> None:
                 "prevData differs marks the repo desynchronized."))
     op.alter_column(
         "actors", "desynchronized_at",
-        comment="Set when a #sync event (or a commit that does not follow rev or data_cid) means the repo "
-                "must be refetched; cleared by a resync.",
+        comment="Event time of the #sync event, or of the first commit that does not follow rev or data_cid, "
+                "that showed the repo must be refetched (the clock time when the event has no time); cleared "
+                "by a resync.",
         existing_type=sa.DateTime(timezone=True))
 
 
