@@ -119,3 +119,28 @@ def engine(database_url):
     engine = create_engine(database_url)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def corpus_frames() -> list[tuple[int, bytes]]:
+    """``(seq, frame)`` of the recorded Jetstream corpus relay frames, in stream order."""
+    from fixture_archive import corpus_frames as load_corpus_frames
+
+    return load_corpus_frames()
+
+
+@pytest.fixture
+async def start_relay():
+    """A function that starts a ``ReplayRelay`` on 127.0.0.1; every relay it started is stopped afterwards."""
+    from indexer.replay import ReplayRelay
+
+    relays = []
+
+    async def start(frames, **options) -> ReplayRelay:
+        relay = await ReplayRelay(frames, **options).start()
+        relays.append(relay)
+        return relay
+
+    yield start
+    for relay in relays:
+        await relay.stop()

@@ -11,9 +11,8 @@ import threading
 
 import pytest
 
-from fixture_data import JETSTREAM_CORPUS, fixture_path
 from indexer.errors import DatabaseUnavailable
-from indexer.replay import ReplayRelay, load_length_prefixed
+from indexer.replay import ReplayRelay
 from indexer.store import StoreError
 from ingest_harness import build_indexer
 
@@ -22,10 +21,6 @@ pytestmark = pytest.mark.timeout(60)
 BATCH_SIZE = 5
 NO_INTERVAL_FLUSH = 30.0  # seconds; longer than any test, so only full batches and stops commit
 
-
-@pytest.fixture(scope="module")
-def corpus_frames() -> list[tuple[int, bytes]]:
-    return load_length_prefixed(fixture_path(f"{JETSTREAM_CORPUS}/frames.lp.bin"))
 
 
 class WrappedWrite:

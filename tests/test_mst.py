@@ -10,6 +10,7 @@ from itertools import permutations
 import libipld
 import pytest
 from fixture_data import fixture_path
+from plain_car import car_blocks
 
 from indexer.mst import (
     InvalidNodeError,
@@ -28,36 +29,6 @@ JETSTREAM_REPO = "repos/jetstream_did-plc-53iucmf5ldftgqyf2ac7hmhd"
 def cid_bytes(text: str) -> bytes:
     body = text.removeprefix("b").upper()
     return base64.b32decode(body + "=" * (-len(body) % 8))
-
-
-def read_varint(data: bytes, offset: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[offset]
-        offset += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return value, offset
-
-
-def car_blocks(car: bytes) -> tuple[bytes, dict[bytes, bytes]]:
-    """Return the first root and ``cid -> raw block`` of a CARv1 (CIDv1 sections only)."""
-    header_length, offset = read_varint(car, 0)
-    root = libipld.decode_dag_cbor(car[offset : offset + header_length])["roots"][0]
-    offset += header_length
-    blocks = {}
-    while offset < len(car):
-        section_length, offset = read_varint(car, offset)
-        section = car[offset : offset + section_length]
-        offset += section_length
-        cid_end = 0
-        for _ in range(3):  # CID version, codec, multihash code
-            _, cid_end = read_varint(section, cid_end)
-        digest_length, cid_end = read_varint(section, cid_end)
-        cid_end += digest_length
-        blocks[section[:cid_end]] = section[cid_end:]
-    return root, blocks
 
 
 def proof_fixtures() -> list[dict]:

@@ -50,24 +50,6 @@ def decode(frame: bytes) -> tuple[dict, dict]:
     return header, body
 
 
-@pytest.fixture
-def corpus_frames() -> list[tuple[int, bytes]]:
-    return load_length_prefixed(fixture_path(f"{JETSTREAM_CORPUS}/frames.lp.bin"))
-
-
-@pytest.fixture
-async def start_relay():
-    relays = []
-
-    async def start(frames, **options) -> ReplayRelay:
-        relay = await ReplayRelay(frames, **options).start()
-        relays.append(relay)
-        return relay
-
-    yield start
-    for relay in relays:
-        await relay.stop()
-
 
 @pytest.fixture
 async def session():

@@ -22,7 +22,7 @@ import pytest
 from fixture_data import JETSTREAM_CORPUS, PROTORUNE_FRAMES, fixture_path
 from indexer import schema
 from indexer.ingest import REPOS_METHOD
-from indexer.replay import ReplayRelay, load_frame_directory, load_length_prefixed
+from indexer.replay import ReplayRelay, load_frame_directory
 from indexer.stream import endpoint_url
 from ingest_harness import index_frames, migrated_database
 
@@ -82,10 +82,6 @@ async def run_indexer_command(database_url: str, relay: ReplayRelay, last_seq: i
             await process.wait()
     return code, (await stderr_task).decode(errors="replace")
 
-
-@pytest.fixture(scope="module")
-def corpus_frames() -> list[tuple[int, bytes]]:
-    return load_length_prefixed(fixture_path(f"{JETSTREAM_CORPUS}/frames.lp.bin"))
 
 
 async def _index_corpus_with_command(database_url: str, frames: list[tuple[int, bytes]]) -> dict:

@@ -15,9 +15,8 @@ import psycopg
 import pytest
 
 from db_snapshot import differences, snapshot
-from fixture_data import JETSTREAM_CORPUS, fixture_path
 from indexer.ingest import REPOS_METHOD
-from indexer.replay import Faults, ReplayRelay, load_length_prefixed
+from indexer.replay import Faults, ReplayRelay
 from indexer.stream import endpoint_url
 from ingest_harness import build_indexer, index_frames, migrated_database, run_until, run_until_stopped
 
@@ -32,10 +31,6 @@ RELAY = "replay-relay"  # what snapshots call the relay's endpoint, whatever its
 def relay_snapshot(url: str, relay: ReplayRelay) -> dict:
     return snapshot(url, endpoints={endpoint_url(relay.base_url, REPOS_METHOD): RELAY})
 
-
-@pytest.fixture(scope="module")
-def corpus_frames() -> list[tuple[int, bytes]]:
-    return load_length_prefixed(fixture_path(f"{JETSTREAM_CORPUS}/frames.lp.bin"))
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,8 @@ import libipld
 import pytest
 from aiohttp import web
 
-from fixture_data import JETSTREAM_CORPUS, fixture_path
 from indexer.errors import ConfigError, FutureCursorError, StreamError
-from indexer.replay import LABELS_METHOD, REPOS_METHOD, Faults, ReplayRelay, load_length_prefixed
+from indexer.replay import LABELS_METHOD, REPOS_METHOD, Faults, ReplayRelay
 from indexer.stream import Backoff, OversizedMessage, StreamClient, endpoint_url
 
 pytestmark = pytest.mark.timeout(30)
@@ -76,24 +75,6 @@ def client_for(relay: ReplayRelay, consumer: Consumer, **options) -> StreamClien
     options.setdefault("receive_timeout", 2.0)
     return StreamClient(relay.base_url, REPOS_METHOD, consumer.cursor, **options)
 
-
-@pytest.fixture
-async def start_relay():
-    relays = []
-
-    async def start(frames, **options) -> ReplayRelay:
-        relay = await ReplayRelay(frames, **options).start()
-        relays.append(relay)
-        return relay
-
-    yield start
-    for relay in relays:
-        await relay.stop()
-
-
-@pytest.fixture
-def corpus_frames() -> list[tuple[int, bytes]]:
-    return load_length_prefixed(fixture_path(f"{JETSTREAM_CORPUS}/frames.lp.bin"))
 
 
 # Endpoint URLs

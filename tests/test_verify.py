@@ -9,6 +9,7 @@ from typing import Any
 
 import libipld
 from fixture_data import INDIGO_SCENARIOS, JETSTREAM_CORPUS, fixture_path, read_length_prefixed
+from plain_car import car_blocks
 
 from indexer.crypto import VerifyFailure, parse_did_key, parse_multikey, signing_key
 from indexer.events import Label, RecordOp
@@ -17,36 +18,6 @@ from indexer.verify import verify_commit, verify_commit_blocks, verify_commit_pr
 
 def decode_base64(text: str) -> bytes:
     return base64.b64decode(text + "=" * (-len(text) % 4))
-
-
-def read_varint(data: bytes, offset: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[offset]
-        offset += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return value, offset
-
-
-def car_blocks(car: bytes) -> dict[bytes, bytes]:
-    """Return ``cid -> raw block`` of a CARv1 with CIDv1 sections (kept here so these tests do not
-    depend on the package's own CAR reader)."""
-    header_length, offset = read_varint(car, 0)
-    offset += header_length
-    blocks = {}
-    while offset < len(car):
-        section_length, offset = read_varint(car, offset)
-        section = car[offset : offset + section_length]
-        offset += section_length
-        cid_end = 0
-        for _ in range(3):  # CID version, codec, multihash code
-            _, cid_end = read_varint(section, cid_end)
-        digest_length, cid_end = read_varint(section, cid_end)
-        cid_end += digest_length
-        blocks[section[:cid_end]] = section[cid_end:]
-    return blocks
 
 
 def jetstream_commits() -> list[dict[str, Any]]:
@@ -80,7 +51,7 @@ def flip_byte(data: bytes, index: int) -> bytes:
 
 
 def check_commit(body: dict[str, Any], key: Any, blocks: dict[bytes, bytes] | None = None):
-    blocks = car_blocks(body["blocks"]) if blocks is None else blocks
+    blocks = car_blocks(body["blocks"])[1] if blocks is None else blocks
     return verify_commit_blocks(
         blocks, body["commit"], key, body["repo"], body["rev"], body["ops"], body.get("prevData")
     )
@@ -122,16 +93,16 @@ def test_record_ops_as_event_types_prove():
             cid = libipld.encode_cid(op["cid"]) if op["cid"] else None
             prev = libipld.encode_cid(op["prev"]) if op.get("prev") else None
             ops.append(RecordOp(op["action"], collection, rkey, cid, prev))
-        commit = libipld.decode_dag_cbor(car_blocks(body["blocks"])[body["commit"]])
+        commit = libipld.decode_dag_cbor(car_blocks(body["blocks"])[1][body["commit"]])
         data = libipld.encode_cid(commit["data"])
         prev_data = libipld.encode_cid(body["prevData"])
-        result = verify_commit_proof(car_blocks(body["blocks"]), data, ops, prev_data)
+        result = verify_commit_proof(car_blocks(body["blocks"])[1], data, ops, prev_data)
         assert result.verified is True, (body["seq"], result)
 
 
 def test_flipped_signature_byte_mismatches():
     body = jetstream_commits()[0]
-    blocks = car_blocks(body["blocks"])
+    blocks = car_blocks(body["blocks"])[1]
     commit = libipld.decode_dag_cbor(blocks[body["commit"]])
     commit["sig"] = flip_byte(commit["sig"], 5)
     key = jetstream_keys()[body["repo"]]
@@ -144,7 +115,7 @@ def test_high_s_commit_signature_is_rejected():
     # Negating s (s -> n - s) keeps the ECDSA signature valid but makes it high-S.
     secp256k1_order = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
     body = jetstream_commits()[0]
-    commit = libipld.decode_dag_cbor(car_blocks(body["blocks"])[body["commit"]])
+    commit = libipld.decode_dag_cbor(car_blocks(body["blocks"])[1][body["commit"]])
     key = jetstream_keys()[body["repo"]]
     assert key.algorithm == "ES256K"
     s = int.from_bytes(commit["sig"][32:], "big")
@@ -164,7 +135,7 @@ def test_swapped_key_mismatches():
 
 def test_flipped_commit_block_is_invalid():
     body = jetstream_commits()[0]
-    blocks = car_blocks(body["blocks"])
+    blocks = car_blocks(body["blocks"])[1]
     blocks[body["commit"]] = flip_byte(blocks[body["commit"]], 20)
     result = check_commit(body, jetstream_keys()[body["repo"]], blocks)
     assert result.signature.reason is VerifyFailure.INVALID_COMMIT
@@ -173,7 +144,7 @@ def test_flipped_commit_block_is_invalid():
 
 def test_flipped_record_block_mismatches():
     body = first_commit_with("create")
-    blocks = car_blocks(body["blocks"])
+    blocks = car_blocks(body["blocks"])[1]
     record_cid = body["ops"][0]["cid"]
     blocks[record_cid] = flip_byte(blocks[record_cid], 10)
     result = check_commit(body, jetstream_keys()[body["repo"]], blocks)
@@ -184,14 +155,14 @@ def test_flipped_record_block_mismatches():
 
 def test_missing_record_block_is_reported():
     body = first_commit_with("create")
-    blocks = car_blocks(body["blocks"])
+    blocks = car_blocks(body["blocks"])[1]
     del blocks[body["ops"][0]["cid"]]
     assert verify_record_blocks(blocks, body["ops"]).reason is VerifyFailure.MISSING_RECORD_BLOCK
 
 
 def test_flipped_mst_block_is_invalid():
     body = first_commit_with("create")
-    blocks = car_blocks(body["blocks"])
+    blocks = car_blocks(body["blocks"])[1]
     commit = libipld.decode_dag_cbor(blocks[body["commit"]])
     blocks[commit["data"]] = flip_byte(blocks[commit["data"]], 10)
     result = verify_commit_proof(blocks, commit["data"], body["ops"], body["prevData"])
@@ -201,7 +172,7 @@ def test_flipped_mst_block_is_invalid():
 
 def test_missing_commit_block_is_reported():
     body = jetstream_commits()[0]
-    blocks = car_blocks(body["blocks"])
+    blocks = car_blocks(body["blocks"])[1]
     del blocks[body["commit"]]
     result = check_commit(body, jetstream_keys()[body["repo"]], blocks)
     assert result.signature.reason is VerifyFailure.MISSING_COMMIT_BLOCK
@@ -211,7 +182,7 @@ def test_missing_commit_block_is_reported():
 def test_other_repo_did_mismatches():
     commits = jetstream_commits()
     body, other = commits[0], next(c for c in commits if c["repo"] != commits[0]["repo"])
-    block = car_blocks(body["blocks"])[body["commit"]]
+    block = car_blocks(body["blocks"])[1][body["commit"]]
     result = verify_commit(block, jetstream_keys()[body["repo"]], other["repo"], body["rev"])
     assert result.verified is False
     assert result.reason is VerifyFailure.DID_MISMATCH
@@ -219,7 +190,7 @@ def test_other_repo_did_mismatches():
 
 def test_other_rev_mismatches():
     body = jetstream_commits()[0]
-    block = car_blocks(body["blocks"])[body["commit"]]
+    block = car_blocks(body["blocks"])[1][body["commit"]]
     result = verify_commit(block, jetstream_keys()[body["repo"]], body["repo"], body["since"])
     assert result.reason is VerifyFailure.REV_MISMATCH
 
@@ -244,7 +215,7 @@ def test_unparseable_key_is_bad_key():
 
 def test_dropped_op_fails_proof():
     body = first_multi_op_commit()
-    blocks = car_blocks(body["blocks"])
+    blocks = car_blocks(body["blocks"])[1]
     commit = libipld.decode_dag_cbor(blocks[body["commit"]])
     result = verify_commit_proof(blocks, commit["data"], body["ops"][1:], body["prevData"])
     assert result.verified is False
@@ -253,7 +224,7 @@ def test_dropped_op_fails_proof():
 
 def test_other_prev_data_fails_proof():
     body = jetstream_commits()[0]
-    blocks = car_blocks(body["blocks"])
+    blocks = car_blocks(body["blocks"])[1]
     commit = libipld.decode_dag_cbor(blocks[body["commit"]])
     result = verify_commit_proof(blocks, commit["data"], body["ops"], commit["data"])
     assert result.reason is VerifyFailure.PROOF_MISMATCH
@@ -261,7 +232,7 @@ def test_other_prev_data_fails_proof():
 
 def test_wrong_op_cid_mismatches_tree():
     body = first_commit_with("create")
-    blocks = car_blocks(body["blocks"])
+    blocks = car_blocks(body["blocks"])[1]
     commit = libipld.decode_dag_cbor(blocks[body["commit"]])
     ops = [dict(body["ops"][0], cid=body["prevData"])] + body["ops"][1:]
     result = verify_commit_proof(blocks, commit["data"], ops, body["prevData"])
@@ -270,7 +241,7 @@ def test_wrong_op_cid_mismatches_tree():
 
 def test_delete_of_present_key_mismatches():
     body = first_commit_with("create")
-    blocks = car_blocks(body["blocks"])
+    blocks = car_blocks(body["blocks"])[1]
     commit = libipld.decode_dag_cbor(blocks[body["commit"]])
     op = body["ops"][0]
     ops = [{"action": "delete", "path": op["path"], "cid": None, "prev": op["cid"]}]
@@ -280,7 +251,7 @@ def test_delete_of_present_key_mismatches():
 
 def test_delete_without_prev_is_invalid():
     body = first_commit_with("delete")
-    blocks = car_blocks(body["blocks"])
+    blocks = car_blocks(body["blocks"])[1]
     commit = libipld.decode_dag_cbor(blocks[body["commit"]])
     ops = [{key: value for key, value in op.items() if key != "prev"} for op in body["ops"]]
     result = verify_commit_proof(blocks, commit["data"], ops, body["prevData"])
@@ -289,7 +260,7 @@ def test_delete_without_prev_is_invalid():
 
 def test_duplicate_op_path_is_invalid():
     body = first_commit_with("create")
-    blocks = car_blocks(body["blocks"])
+    blocks = car_blocks(body["blocks"])[1]
     commit = libipld.decode_dag_cbor(blocks[body["commit"]])
     result = verify_commit_proof(blocks, commit["data"], body["ops"] * 2, body["prevData"])
     assert result.reason is VerifyFailure.INVALID_OP
@@ -297,7 +268,7 @@ def test_duplicate_op_path_is_invalid():
 
 def test_removed_mst_block_is_reported():
     body = first_commit_with("create")
-    blocks = car_blocks(body["blocks"])
+    blocks = car_blocks(body["blocks"])[1]
     commit = libipld.decode_dag_cbor(blocks[body["commit"]])
     del blocks[commit["data"]]
     result = verify_commit_proof(blocks, commit["data"], body["ops"], body["prevData"])
@@ -306,7 +277,7 @@ def test_removed_mst_block_is_reported():
 
 def test_missing_prev_data_is_unchecked():
     body = jetstream_commits()[0]
-    blocks = car_blocks(body["blocks"])
+    blocks = car_blocks(body["blocks"])[1]
     commit = libipld.decode_dag_cbor(blocks[body["commit"]])
     result = verify_commit_proof(blocks, commit["data"], body["ops"], None)
     assert result.verified is None
@@ -341,7 +312,7 @@ def scenario_commits() -> list[tuple[str, dict[str, Any], dict[str, Any], str]]:
 def scenario_commit_block(body: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
     car = decode_base64(body["blocks"]["$bytes"])
     header, _ = libipld.decode_car(car)
-    blocks = car_blocks(car)
+    _root, blocks = car_blocks(car)
     return blocks[header["roots"][0]], blocks
 
 
