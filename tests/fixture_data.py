@@ -11,6 +11,7 @@ import os
 import struct
 from pathlib import Path
 
+import libipld
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +50,16 @@ def read_length_prefixed(path: Path) -> list[bytes]:
         frames.append(data[offset + 4 : offset + 4 + length])
         offset += 4 + length
     return frames
+
+
+def commit_bodies(frames: list[bytes]) -> list[dict]:
+    """Return the decoded bodies of the ``#commit`` frames among ``frames``, in order."""
+    bodies = []
+    for frame in frames:
+        header, body = libipld.decode_dag_cbor_multi(frame)
+        if header.get("t") == "#commit":
+            bodies.append(body)
+    return bodies
 
 
 JETSTREAM_CORPUS = "firehose/jetstream-corpus-2026-07-04"

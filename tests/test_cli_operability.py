@@ -5,27 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import typer.main
 from sqlalchemy.engine import make_url
 
+from command_harness import clean_environment, run_until_committed
 from fixture_archive import corpus_frames, query
+from fixture_data import REPO_ROOT
 from indexer.cli import app
 from indexer.ingest import REPOS_METHOD
 from indexer.replay import ReplayRelay
 
 pytestmark = pytest.mark.timeout(90)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "pw-7f3a9c-never-print-me"
-RUN_TIMEOUT = 30.0
 
 
 def commands() -> list[tuple[str, object]]:
@@ -66,45 +64,10 @@ def with_password(url: str) -> str:
     return make_url(url).set(password=PASSWORD).render_as_string(hide_password=False)
 
 
-def clean_environment() -> dict[str, str]:
-    environment = {key: value for key, value in os.environ.items()
-                   if not key.startswith("INDEXER_") and key != "DATABASE_URL"}
-    environment["RUST_LIB_BACKTRACE"] = "0"
-    return environment
-
-
-async def run_command_until(database_url: str, relay: ReplayRelay, last_seq: int, *options: str) -> tuple[int, str]:
-    """Run ``indexer run`` on the relay until ``last_seq`` is committed, then SIGTERM it; return (code, output)."""
-    endpoint = relay.url(REPOS_METHOD)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "indexer.cli", "run", "--relay", relay.base_url, "--no-labels",
-        "--database-url", database_url, "--metrics-addr", "127.0.0.1:0", *options,
-        cwd=REPO_ROOT, env=clean_environment(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )
-    output = asyncio.create_task(process.stdout.read())
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + RUN_TIMEOUT
-    try:
-        while process.returncode is None and loop.time() < deadline:
-            rows = await asyncio.to_thread(query, database_url, "SELECT seq FROM cursors WHERE endpoint = %s",
-                                           (endpoint,))
-            if rows and rows[0][0] == last_seq:
-                break
-            await asyncio.sleep(0.1)
-        process.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(RUN_TIMEOUT):
-            code = await process.wait()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    return code, (await output).decode(errors="replace")
-
-
 async def index_corpus(database_url: str, *options: str) -> tuple[int, str]:
     frames = corpus_frames()
     async with ReplayRelay(frames) as relay:
-        return await run_command_until(database_url, relay, frames[-1][0], *options)
+        return await run_until_committed(database_url, relay, frames[-1][0], *options)
 
 
 def test_run_output_hides_password(database_url):

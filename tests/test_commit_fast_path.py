@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import copy
 
-import libipld
 import pytest
-from fixture_data import JETSTREAM_CORPUS, PROTORUNE_FRAMES, fixture_path, read_length_prefixed
+from fixture_data import JETSTREAM_CORPUS, PROTORUNE_FRAMES, commit_bodies, fixture_path, read_length_prefixed
 
 from indexer.errors import DecodeError
 from indexer.frames import _checked_commit, _commit, _usual_commit
@@ -15,12 +14,7 @@ from indexer.frames import _checked_commit, _commit, _usual_commit
 def corpus_commit_bodies() -> list[dict]:
     frames = read_length_prefixed(fixture_path(f"{JETSTREAM_CORPUS}/frames.lp.bin"))
     frames += [path.read_bytes() for path in sorted(fixture_path(PROTORUNE_FRAMES).glob("frame_*.bin"))]
-    bodies = []
-    for frame in frames:
-        header, body = libipld.decode_dag_cbor_multi(frame)
-        if header.get("t") == "#commit":
-            bodies.append(body)
-    return bodies
+    return commit_bodies(frames)
 
 
 def outcome(decode, body: dict, *, verify_cids: bool = False):

@@ -8,18 +8,14 @@ Jetstream produced for the same op. The 12 protorune frames go through the same 
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
-import os
-import signal
-import sys
-from pathlib import Path
 
-import psycopg
 import libipld
+import psycopg
 import pytest
 
-from fixture_data import JETSTREAM_CORPUS, PROTORUNE_FRAMES, fixture_path
+from command_harness import run_until_committed
+from fixture_data import JETSTREAM_CORPUS, PROTORUNE_FRAMES, commit_bodies, fixture_path
 from indexer import schema
 from indexer.ingest import REPOS_METHOD
 from indexer.replay import ReplayRelay, load_frame_directory
@@ -28,9 +24,7 @@ from ingest_harness import index_frames, migrated_database
 
 pytestmark = pytest.mark.timeout(60)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 CORPUS_NEWEST = 31527015471
-RUN_TIMEOUT = 30.0  # seconds the subprocess may take to commit every frame
 
 
 def libpq(url: str) -> str:
@@ -52,41 +46,10 @@ def expected_lines() -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-async def run_indexer_command(database_url: str, relay: ReplayRelay, last_seq: int) -> tuple[int, str]:
-    """Run ``indexer run`` until ``last_seq`` is committed, then SIGTERM it; return (exit code, stderr)."""
-    endpoint = endpoint_url(relay.base_url, REPOS_METHOD)
-    environment = {**os.environ, "RUST_LIB_BACKTRACE": "0"}
-    for name in ("INDEXER_DATABASE_URL", "DATABASE_URL", "INDEXER_LABELERS", "INDEXER_RELAY"):
-        environment.pop(name, None)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "indexer.cli", "run", "--relay", relay.base_url, "--no-labels",
-        "--database-url", database_url, "--log-format", "json",
-        cwd=REPO_ROOT, env=environment, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )
-    stderr_task = asyncio.create_task(process.stderr.read())
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + RUN_TIMEOUT
-    try:
-        while process.returncode is None and loop.time() < deadline:
-            cursor = await asyncio.to_thread(committed_cursor, database_url, endpoint)
-            if cursor == last_seq:
-                break
-            await asyncio.sleep(0.1)
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(RUN_TIMEOUT):
-            code = await process.wait()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    return code, (await stderr_task).decode(errors="replace")
-
-
 
 async def _index_corpus_with_command(database_url: str, frames: list[tuple[int, bytes]]) -> dict:
     async with ReplayRelay(frames) as relay:
-        code, log_text = await run_indexer_command(database_url, relay, frames[-1][0])
+        code, log_text = await run_until_committed(database_url, relay, frames[-1][0], "--log-format", "json")
         endpoint = endpoint_url(relay.base_url, REPOS_METHOD)
     return {"url": database_url, "endpoint": endpoint, "code": code, "log": log_text}
 
@@ -238,10 +201,7 @@ def test_protorune_identity_without_handle(indexed_protorune):
 def test_run_command_actor_data_cid_from_commit_block(indexed_corpus, corpus_frames):
     # The newest commit of each repo names its MST root in the commit block of its CAR.
     newest: dict[str, tuple[str, str]] = {}
-    for _seq, frame in corpus_frames:
-        header, body = libipld.decode_dag_cbor_multi(frame)
-        if header.get("t") != "#commit":
-            continue
+    for body in commit_bodies([frame for _seq, frame in corpus_frames]):
         blocks = libipld.decode_car(body["blocks"])[1]
         root = blocks[body["commit"]]["data"]
         if body["repo"] not in newest or body["rev"] > newest[body["repo"]][0]:

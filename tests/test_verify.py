@@ -8,7 +8,7 @@ from dataclasses import replace
 from typing import Any
 
 import libipld
-from fixture_data import INDIGO_SCENARIOS, JETSTREAM_CORPUS, fixture_path, read_length_prefixed
+from fixture_data import INDIGO_SCENARIOS, JETSTREAM_CORPUS, commit_bodies, fixture_path, read_length_prefixed
 from plain_car import car_blocks
 
 from indexer.crypto import VerifyFailure, parse_did_key, parse_multikey, signing_key
@@ -22,13 +22,7 @@ def decode_base64(text: str) -> bytes:
 
 def jetstream_commits() -> list[dict[str, Any]]:
     """Return the decoded ``#commit`` bodies of the recorded relay frames."""
-    frames = read_length_prefixed(fixture_path(f"{JETSTREAM_CORPUS}/frames.lp.bin"))
-    bodies = []
-    for frame in frames:
-        header, body = libipld.decode_dag_cbor_multi(frame)
-        if header.get("t") == "#commit":
-            bodies.append(body)
-    return bodies
+    return commit_bodies(read_length_prefixed(fixture_path(f"{JETSTREAM_CORPUS}/frames.lp.bin")))
 
 
 def jetstream_keys() -> dict[str, Any]:
