@@ -74,6 +74,23 @@ def decode_header(frame: bytes) -> Header:
     return _read_header(frame)[0]
 
 
+def _message_start(frame: bytes) -> tuple[str, int] | Invalid | ErrorFrame | Skipped:
+    """Return a message frame's type and body offset, or the event of a frame that is not a message.
+
+    That event is ``Invalid`` for an unreadable header, the decoded error frame for ``op`` -1, and
+    ``Skipped(UNKNOWN_OP)`` for any other ``op``.
+    """
+    try:
+        header, body_offset = _read_header(frame)
+    except DecodeError as error:
+        return Invalid(DropReason(error.reason), str(error), raw=frame)
+    if header.op == OP_ERROR:
+        return _decode_error_frame(frame, header, body_offset)
+    if header.op != OP_MESSAGE:
+        return Skipped(SkipReason.UNKNOWN_OP, header.t)
+    return header.t, body_offset
+
+
 def decode_repo_frame(
     frame: bytes,
     *,
@@ -87,15 +104,10 @@ def decode_repo_frame(
     without a seq. With ``verify_cids``, each op's record block is hashed and a block that does not
     match its CID gives that op ``OpError(CID_MISMATCH)``.
     """
-    try:
-        header, body_offset = _read_header(frame)
-    except DecodeError as error:
-        return Invalid(DropReason(error.reason), str(error), raw=frame)
-    if header.op == OP_ERROR:
-        return _decode_error_frame(frame, header, body_offset)
-    if header.op != OP_MESSAGE:
-        return Skipped(SkipReason.UNKNOWN_OP, header.t)
-    t = header.t
+    start = _message_start(frame)
+    if not isinstance(start, tuple):
+        return start
+    t, body_offset = start
     if t in LEGACY_REPO_TYPES:
         return Skipped(SkipReason.LEGACY_TYPE, t, _seq_if_readable(frame, body_offset))
     if t not in REPO_TYPES:
@@ -124,15 +136,10 @@ def decode_label_frame(frame: bytes) -> LabelEvent:
 
     A ``#labels`` body without ``labels`` gives ``Labels(seq, [])``, which still advances the cursor.
     """
-    try:
-        header, body_offset = _read_header(frame)
-    except DecodeError as error:
-        return Invalid(DropReason(error.reason), str(error), raw=frame)
-    if header.op == OP_ERROR:
-        return _decode_error_frame(frame, header, body_offset)
-    if header.op != OP_MESSAGE:
-        return Skipped(SkipReason.UNKNOWN_OP, header.t)
-    t = header.t
+    start = _message_start(frame)
+    if not isinstance(start, tuple):
+        return start
+    t, body_offset = start
     if t not in LABEL_TYPES:
         return Skipped(SkipReason.UNKNOWN_TYPE, t, _seq_if_readable(frame, body_offset))
 
