@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 
 from fixture_archive import query
@@ -15,12 +16,23 @@ from indexer.replay import ReplayRelay
 RUN_TIMEOUT = 30.0  # seconds the subprocess may take to commit every frame
 
 
+# Kept from the test session's environment: conftest points it at a refused local port, so a
+# command that resolves DIDs never reaches plc.directory.
+KEPT_SETTINGS = ("INDEXER_PLC_URL",)
+
+
 def clean_environment() -> dict[str, str]:
-    """Return this process's environment without ``INDEXER_*`` and ``DATABASE_URL``, so only options count."""
+    """Return this process's environment without ``DATABASE_URL`` and ``INDEXER_*`` (but KEPT_SETTINGS)."""
     environment = {key: value for key, value in os.environ.items()
-                   if not key.startswith("INDEXER_") and key != "DATABASE_URL"}
+                   if (not key.startswith("INDEXER_") or key in KEPT_SETTINGS) and key != "DATABASE_URL"}
     environment["RUST_LIB_BACKTRACE"] = "0"
     return environment
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """Run ``indexer ARGS`` in a subprocess with ``clean_environment()``; return its result, output as text."""
+    return subprocess.run([sys.executable, "-m", "indexer.cli", *args], cwd=REPO_ROOT, env=clean_environment(),
+                          capture_output=True, text=True, timeout=60)
 
 
 async def run_until_committed(database_url: str, relay: ReplayRelay, last_seq: int, *options: str) -> tuple[int, str]:

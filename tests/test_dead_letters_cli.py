@@ -8,13 +8,10 @@ stays invalid.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from command_harness import run_cli
 from fixture_archive import corpus_frames, query
 from indexer import frames
 from indexer.events import Commit, DropReason
@@ -23,16 +20,8 @@ from indexer.store import Batch, Store
 
 pytestmark = pytest.mark.timeout(60)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 ENDPOINT = f"ws://127.0.0.1:1/xrpc/{REPOS_METHOD}"
 LIVE_CURSOR = 31527015471
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    environment = {key: value for key, value in os.environ.items()
-                   if key not in ("INDEXER_DATABASE_URL", "DATABASE_URL")}
-    return subprocess.run([sys.executable, "-m", "indexer.cli", *args], cwd=REPO_ROOT, env=environment,
-                          capture_output=True, text=True, timeout=60)
 
 
 def post_commit() -> tuple[bytes, Commit]:

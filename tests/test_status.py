@@ -4,27 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from command_harness import run_cli
 from fixture_archive import query, replay_archive, scratch_database
 from indexer import db
 
 pytestmark = pytest.mark.timeout(90)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 CORPUS_NEWEST = 31527015471
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    environment = {key: value for key, value in os.environ.items()
-                   if key not in ("INDEXER_DATABASE_URL", "DATABASE_URL")}
-    return subprocess.run([sys.executable, "-m", "indexer.cli", *args], cwd=REPO_ROOT, env=environment,
-                          capture_output=True, text=True, timeout=60)
 
 
 @pytest.fixture(scope="module")
