@@ -205,9 +205,10 @@ class StreamIndexer:
     async def flush(self) -> None:
         """Commit the open batch after every batch handed over before it; return when all are committed.
 
-        Once started, a commit runs to its end even when the flush is cancelled (the cancellation
-        is raised afterwards): a batch taken out of the pipeline and dropped half way would let the
-        next batch move the cursor past its events. Only a second signal (``abandon``) cuts it short.
+        Once started, a commit runs to its end even when the flush is cancelled, and the
+        cancellation is raised afterwards. A batch taken out of the pipeline and dropped half way
+        would let the next batch move the cursor past its events. Only a second signal
+        (``abandon``) cuts a commit short, and then no later batch commits.
         """
         await self._settle(self._start_commit())
 
