@@ -101,8 +101,9 @@ class Node:
     (the subtree of keys between it and the next entry). Nodes share these lists with the nodes
     they were derived from, so no code changes a list in place after a node references it. ``cid`` is
     the CID the node was loaded from, or None until ``Mst`` encodes it. ``prefixes``, when not
-    None, is the length each key shares with the one before it; nodes that keep the ``keys`` of
-    a loaded node keep these too, so encoding them need not compare keys again.
+    None, is the length each key shares with the one before it. Nodes derived from a loaded node
+    carry these along (see ``_prefixes_without`` and ``_joined_prefixes``), so encoding them need
+    not compare keys again.
     """
 
     __slots__ = ("layer", "left", "keys", "values", "rights", "cid", "prefixes")
@@ -155,7 +156,7 @@ def _wrap(subtree: Subtree, layer: int, target_layer: int) -> Subtree:
         return None
     while layer < target_layer:
         layer += 1
-        subtree = Node(layer, subtree, [], [], [])
+        subtree = Node(layer, subtree, [], [], [], None, [])
     return subtree
 
 
@@ -218,6 +219,53 @@ def _prefix_lengths(keys: list[bytes]) -> list[int]:
         prefixes.append(limit - (difference.bit_length() + 7) // 8)
         previous = key
     return prefixes
+
+
+def _prefixes_without(prefixes: list[int] | None, index: int) -> list[int] | None:
+    """Return the shared prefix lengths of a node's keys after removing key ``index``.
+
+    For sorted keys a < b < c, the prefix that a and c share is the shorter of the prefixes of
+    (a, b) and (b, c). So removing b needs no key comparison.
+    """
+    if prefixes is None:
+        return None
+    if index + 1 == len(prefixes):
+        return prefixes[:index]
+    following = min(prefixes[index], prefixes[index + 1]) if index > 0 else 0
+    return prefixes[:index] + [following] + prefixes[index + 2 :]
+
+
+def _prefixes_with(keys: list[bytes], prefixes: list[int] | None, index: int, key: bytes) -> list[int] | None:
+    """Return the shared prefix lengths of a node's keys after inserting ``key`` at ``index``."""
+    if prefixes is None:
+        return None
+    inserted = [common_prefix_length(keys[index - 1], key) if index > 0 else 0]
+    if index < len(keys):
+        inserted.append(common_prefix_length(key, keys[index]))
+    return prefixes[:index] + inserted + prefixes[index + 1 :]
+
+
+def _prefixes_before(prefixes: list[int] | None, index: int) -> list[int] | None:
+    """Return the shared prefix lengths of a node's keys before ``index``."""
+    return None if prefixes is None else prefixes[:index]
+
+
+def _prefixes_from(prefixes: list[int] | None, index: int) -> list[int] | None:
+    """Return the shared prefix lengths of a node's keys from ``index`` on; the first key shares none."""
+    if prefixes is None:
+        return None
+    return [0] + prefixes[index + 1 :] if index < len(prefixes) else []
+
+
+def _joined_prefixes(
+    low_keys: list[bytes], low_prefixes: list[int] | None, high_keys: list[bytes], high_prefixes: list[int] | None
+) -> list[int] | None:
+    """Return the shared prefix lengths of ``low_keys + high_keys``, both sorted, every low key first."""
+    if low_prefixes is None or high_prefixes is None:
+        return None
+    if not low_keys or not high_keys:
+        return low_prefixes + high_prefixes
+    return low_prefixes + [common_prefix_length(low_keys[-1], high_keys[0])] + high_prefixes[1:]
 
 
 def _encode(
@@ -465,14 +513,14 @@ class Mst:
         height = key_height(key)
         root = self._resolve(self._root, self._root_layer)
         if root is None:
-            self._root = Node(height, None, [key], [value], [None])
+            self._root = Node(height, None, [key], [value], [None], None, [0])
             self._root_layer = height
         elif height > root.layer:
             # The new key becomes the only entry of a new, higher root, splitting the old tree.
             below, above = self._split(root, root.layer, key)
             below = _wrap(below, root.layer, height - 1)
             above = _wrap(above, root.layer, height - 1)
-            self._root = Node(height, below, [key], [value], [above])
+            self._root = Node(height, below, [key], [value], [above], None, [0])
             self._root_layer = height
         else:
             self._root = self._insert(root, key, value, height)
@@ -491,10 +539,11 @@ class Mst:
             else:
                 rights[index - 1] = below
             values = node.values[:index] + [value] + node.values[index:]
-            return Node(node.layer, left, keys[:index] + [key] + keys[index:], values, rights)
+            prefixes = _prefixes_with(keys, node.prefixes, index, key)
+            return Node(node.layer, left, keys[:index] + [key] + keys[index:], values, rights, None, prefixes)
         child = self._resolve(node.gap(index), node.layer - 1)
         if child is None:
-            leaf = Node(height, None, [key], [value], [None])
+            leaf = Node(height, None, [key], [value], [None], None, [0])
             return node.with_gap(index, _wrap(leaf, height, node.layer - 1))
         return node.with_gap(index, self._insert(child, key, value, height))
 
@@ -509,12 +558,14 @@ class Mst:
             raise KeyStateError(f"cannot insert {key!r}: the key is already in the MST")
         gap_below, gap_above = self._split(node.gap(index), layer - 1, key)
         if index == 0:
-            below = Node(layer, gap_below, [], [], [])
+            below = Node(layer, gap_below, [], [], [], None, [])
         else:
             rights = node.rights[:index]
             rights[-1] = gap_below
-            below = Node(layer, node.left, keys[:index], node.values[:index], rights)
-        above = Node(layer, gap_above, keys[index:], node.values[index:], node.rights[index:])
+            below = Node(layer, node.left, keys[:index], node.values[:index], rights, None, _prefixes_before(node.prefixes, index))
+        above = Node(
+            layer, gap_above, keys[index:], node.values[index:], node.rights[index:], None, _prefixes_from(node.prefixes, index)
+        )
         return _nonempty(below), _nonempty(above)
 
     def update(self, key: bytes, value: bytes) -> bytes:
@@ -565,7 +616,8 @@ class Mst:
             else:
                 rights[index - 1] = merged
             values = node.values[:index] + node.values[index + 1 :]
-            remaining = Node(node.layer, left, keys[:index] + keys[index + 1 :], values, rights)
+            prefixes = _prefixes_without(node.prefixes, index)
+            remaining = Node(node.layer, left, keys[:index] + keys[index + 1 :], values, rights, None, prefixes)
             return _nonempty(remaining), node.values[index]
         child = self._resolve(node.gap(index), node.layer - 1)
         if child is None:
@@ -590,7 +642,8 @@ class Mst:
             left = seam
         else:
             rights[count - 1] = seam
-        return Node(layer, left, low.keys + high.keys, low.values + high.values, rights)
+        prefixes = _joined_prefixes(low.keys, low.prefixes, high.keys, high.prefixes)
+        return Node(layer, left, low.keys + high.keys, low.values + high.values, rights, None, prefixes)
 
     # Encoding.
 

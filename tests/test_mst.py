@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 import tarfile
 from itertools import permutations
 
@@ -245,3 +246,61 @@ def test_suite_inductive_proofs_invert():
         assert tree.root_cid() == root_before, case["description"]
         checked += 1
     assert checked > 3000
+
+
+def random_keys(rng: random.Random, count: int) -> list[bytes]:
+    """Return distinct keys from a small alphabet, so that many share long prefixes or extend each other."""
+    keys: set[bytes] = set()
+    while len(keys) < count:
+        collection = rng.choice((b"app.bsky.feed.like", b"app.bsky.feed.post", b"app.bsky.graph.follow"))
+        rkey = bytes(rng.choice(b"23abz") for _ in range(rng.randint(1, 6)))
+        keys.add(collection + b"/" + rkey)
+    return sorted(keys)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_edits_keep_canonical_nodes(seed):
+    # Edited nodes reuse the shared prefix lengths of the nodes they come from. Loading the edited
+    # tree's blocks checks that every prefix is the maximal one, and the root must match a rebuild.
+    rng = random.Random(seed)
+    keys = random_keys(rng, 300)
+    items = {key: node_cid(key) for key in keys[:200]}
+    original = Mst.from_items(items)
+    blocks = original.encoded_blocks()
+    tree = Mst.load(original.root_cid(), blocks)
+    for key in rng.sample(keys, 120):
+        action = rng.random()
+        if key in items and action < 0.6:
+            assert tree.delete(key) == items.pop(key)
+        elif key in items:
+            items[key] = node_cid(key + b"#updated")
+            tree.update(key, items[key])
+        else:
+            items[key] = node_cid(key)
+            tree.insert(key, items[key])
+    root = tree.root_cid()
+    # Untouched subtrees stay as CIDs, so their blocks come from the original tree.
+    reloaded = Mst.load(root, {**blocks, **tree.encoded_blocks()})
+    assert dict(reloaded.items()) == items
+    assert Mst.from_items(items).root_cid() == root
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_edited_node_blocks_match_encode_node(seed):
+    rng = random.Random(seed)
+    keys = random_keys(rng, 120)
+    tree = Mst.from_items({key: node_cid(key) for key in keys[:80]})
+    for key in rng.sample(keys, 40):
+        if tree.get(key) is None:
+            tree.insert(key, node_cid(key))
+        else:
+            tree.delete(key)
+    for cid, block in tree.encoded_blocks().items():
+        node = libipld.decode_dag_cbor(block)
+        entries = []
+        previous = b""
+        for entry in node["e"]:
+            previous = previous[: entry["p"]] + entry["k"]
+            entries.append((previous, entry["v"], entry["t"]))
+        assert encode_node(node["l"], entries) == block
+        assert node_cid(block) == cid
