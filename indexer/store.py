@@ -471,11 +471,19 @@ class Store:
         self.dead_letters_written += len(batch.dead_letters)
 
     def _apply(self, cursor: psycopg.Cursor, batch: Batch) -> None:
-        cursor.execute(_BATCH_PLAN_SETTINGS)
-        _apply_deletions(cursor, batch.deletions.values())
-        for table_name, rows in batch.records.items():
-            _apply_records(cursor, schema.metadata.tables[table_name], rows.values())
-        _apply_actors(cursor, batch.actors)
+        # First every COPY into the staging tables, then the merging statements in one round trip.
+        # The writer thread waits for the GIL after each round trip, because the decoding loop holds
+        # it, so fewer round trips make a shorter commit (docs/performance.md).
+        deletions = list(batch.deletions.values())
+        if deletions:
+            _copy_rows(cursor, schema.deletions, _written_columns(schema.deletions), deletions)
+        tables = [schema.metadata.tables[name] for name in batch.records]
+        for table in tables:
+            _copy_rows(cursor, table, _written_columns(table), batch.records[table.name].values())
+        if batch.actors:
+            _copy_actors(cursor, batch.actors)
+        cursor.execute(_merge_statements(bool(deletions), tables, bool(batch.actors)))
+
         for table_name, rows in batch.history.items():
             _insert_ignoring_duplicates(cursor, schema.metadata.tables[table_name], rows)
         _insert_ignoring_duplicates(cursor, schema.dead_letters, batch.dead_letters)
@@ -615,21 +623,44 @@ def _record_key(table: Table) -> list[str]:
     return [c.name for c in table.primary_key.columns]
 
 
-def _apply_records(cursor: psycopg.Cursor, table: Table, rows: Iterable[dict]) -> None:
-    """Upsert record rows unless a stored row or tombstone has the same or a newer rev."""
-    columns = _written_columns(table)
-    _copy_rows(cursor, table, columns, rows)
-    names = ", ".join(f'"{name}"' for name in columns)
-    key = _record_key(table)
-    collection = "s.collection" if table is schema.records else f"'{_collection_of(table)}'"
-    updates = ", ".join(f'"{name}" = EXCLUDED."{name}"' for name in columns if name not in key)
-    cursor.execute(
-        f"INSERT INTO {table.name} ({names}) "
-        f"SELECT {', '.join(f's.{name}' for name in columns)} FROM {_staging_name(table)} s "
-        f"WHERE NOT EXISTS (SELECT 1 FROM deletions d WHERE d.did = s.did AND d.collection = {collection} "
-        f"AND d.rkey = s.rkey AND d.rev >= s.rev) "
-        f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {updates}, indexed_at = now() "
-        f"WHERE {table.name}.rev < EXCLUDED.rev")
+def _merge_statements(deletions: bool, tables: Sequence[Table], actors: bool) -> str:
+    """Return the statements that merge the filled staging tables, in order, as one SQL text.
+
+    Deletions come first, so the record upserts see every tombstone of the batch. The text has no
+    parameters, so it goes to the server as one simple query, in one round trip.
+    """
+    statements = [_BATCH_PLAN_SETTINGS]
+    if deletions:
+        statements.extend(_DELETION_STATEMENTS)
+    statements.extend(_record_upsert(table) for table in tables)
+    if actors:
+        statements.append(ACTOR_UPSERT)
+    return ";\n".join(statements)
+
+
+_record_upserts: dict[str, str] = {}
+
+
+def _record_upsert(table: Table) -> str:
+    """Return the statement that upserts a record table from its staging table (cached per table).
+
+    A staged row is written unless a stored row or tombstone has the same or a newer rev.
+    """
+    statement = _record_upserts.get(table.name)
+    if statement is None:
+        columns = _written_columns(table)
+        names = ", ".join(f'"{name}"' for name in columns)
+        key = _record_key(table)
+        collection = "s.collection" if table is schema.records else f"'{_collection_of(table)}'"
+        updates = ", ".join(f'"{name}" = EXCLUDED."{name}"' for name in columns if name not in key)
+        statement = _record_upserts[table.name] = (
+            f"INSERT INTO {table.name} ({names}) "
+            f"SELECT {', '.join(f's.{name}' for name in columns)} FROM {_staging_name(table)} s "
+            f"WHERE NOT EXISTS (SELECT 1 FROM deletions d WHERE d.did = s.did AND d.collection = {collection} "
+            f"AND d.rkey = s.rkey AND d.rev >= s.rev) "
+            f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {updates}, indexed_at = now() "
+            f"WHERE {table.name}.rev < EXCLUDED.rev")
+    return statement
 
 
 def _collection_of(table: Table) -> str:
@@ -637,29 +668,6 @@ def _collection_of(table: Table) -> str:
         if typed is table:
             return collection
     raise StoreError(f"table {table.name} has no collection")
-
-
-def _apply_deletions(cursor: psycopg.Cursor, rows: Iterable[dict]) -> None:
-    """Keep the newest delete rev per record, and remove stored versions older than it."""
-    rows = list(rows)
-    if not rows:
-        return
-    columns = _written_columns(schema.deletions)
-    _copy_rows(cursor, schema.deletions, columns, rows)
-    cursor.execute(
-        "INSERT INTO deletions (did, collection, rkey, rev, seq, time, verified, verify_reason) "
-        "SELECT did, collection, rkey, rev, seq, time, verified, verify_reason FROM staging_deletions s "
-        f"WHERE {_DELETE_IS_NEWER} "
-        "ON CONFLICT (did, collection, rkey) DO UPDATE SET rev = EXCLUDED.rev, seq = EXCLUDED.seq, "
-        "time = EXCLUDED.time, verified = EXCLUDED.verified, verify_reason = EXCLUDED.verify_reason, "
-        "indexed_at = now() WHERE deletions.rev < EXCLUDED.rev")
-    for collection, table in schema.RECORD_TABLES.items():
-        cursor.execute(
-            f"DELETE FROM {table.name} t USING staging_deletions s WHERE s.collection = %s "
-            f"AND t.did = s.did AND t.rkey = s.rkey AND t.rev < s.rev", (collection,))
-    cursor.execute(
-        "DELETE FROM records t USING staging_deletions s WHERE t.did = s.did "
-        "AND t.collection = s.collection AND t.rkey = s.rkey AND t.rev < s.rev")
 
 
 def _delete_is_newer_condition() -> str:
@@ -675,6 +683,22 @@ def _delete_is_newer_condition() -> str:
 
 
 _DELETE_IS_NEWER = _delete_is_newer_condition()
+
+# Keep the newest delete rev per record, and remove stored versions older than it. The collection
+# names are the schema's own constants, so they are written into the text rather than bound.
+_DELETION_STATEMENTS = (
+    "INSERT INTO deletions (did, collection, rkey, rev, seq, time, verified, verify_reason) "
+    "SELECT did, collection, rkey, rev, seq, time, verified, verify_reason FROM staging_deletions s "
+    f"WHERE {_DELETE_IS_NEWER} "
+    "ON CONFLICT (did, collection, rkey) DO UPDATE SET rev = EXCLUDED.rev, seq = EXCLUDED.seq, "
+    "time = EXCLUDED.time, verified = EXCLUDED.verified, verify_reason = EXCLUDED.verify_reason, "
+    "indexed_at = now() WHERE deletions.rev < EXCLUDED.rev",
+    *(f"DELETE FROM {table.name} t USING staging_deletions s WHERE s.collection = '{collection}' "
+      f"AND t.did = s.did AND t.rkey = s.rkey AND t.rev < s.rev"
+      for collection, table in schema.RECORD_TABLES.items()),
+    "DELETE FROM records t USING staging_deletions s WHERE t.did = s.did "
+    "AND t.collection = s.collection AND t.rkey = s.rkey AND t.rev < s.rev",
+)
 
 
 _ACTOR_COLUMNS = ("did", "handle", "identity_seq", "active", "status", "account_seq", "rev", "last_seq",
@@ -723,10 +747,8 @@ ON CONFLICT (did) DO UPDATE SET
 """
 
 
-def _apply_actors(cursor: psycopg.Cursor, actors: dict[str, ActorUpdate]) -> None:
-    """Merge what the batch says about each account, never letting an older event win."""
-    if not actors:
-        return
+def _copy_actors(cursor: psycopg.Cursor, actors: dict[str, ActorUpdate]) -> None:
+    """COPY the batch's update of each account into staging_actors, for ACTOR_UPSERT to merge."""
     # One COPY and one statement instead of a statement per account (19-28 µs/event before).
     with cursor.copy(f"COPY staging_actors ({', '.join(_ACTOR_COLUMNS)}) FROM STDIN (FORMAT BINARY)") as copy:
         copy.set_types(_ACTOR_COPY_TYPES)
@@ -735,7 +757,6 @@ def _apply_actors(cursor: psycopg.Cursor, actors: dict[str, ActorUpdate]) -> Non
                             update.account_seq, update.rev, update.last_seq, update.last_time,
                             update.desynchronized_at, update.first_since, update.first_rev, update.first_time,
                             update.first_prev_data, update.data))
-    cursor.execute(ACTOR_UPSERT)
 
 
 def _insert_ignoring_duplicates(cursor: psycopg.Cursor, table: Table, rows: list[dict]) -> None:
