@@ -26,7 +26,7 @@ import psycopg
 
 from indexer import frames
 from indexer.errors import ConfigError
-from indexer.ingest import REPOS_METHOD, StreamIndexer
+from indexer.ingest import DEFAULT_BATCH_SIZE, REPOS_METHOD, StreamIndexer
 from indexer.repo_jobs import RepoJob, RepoJobSettings, count_states
 from indexer.store import Store
 from indexer.stream import DEFAULT_MAX_MESSAGE_SIZE, Backoff, StreamClient, endpoint_url
@@ -53,7 +53,7 @@ class ReplaySettings:
     job: str = REPLAY_JOB
     cursor: int | None = None  # --cursor: where a new job starts; None continues an existing job
     until: int | None = None  # --until: last seq to index; None means the live cursor at creation
-    batch_size: int = 1000
+    batch_size: int = DEFAULT_BATCH_SIZE
     batch_interval: float = 0.2
     receive_timeout: float = 60.0
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE

@@ -21,6 +21,7 @@ import typer
 from indexer import db, embedded, metrics
 from indexer import log as logs
 from indexer.errors import ConfigError, IndexerError
+from indexer.ingest import DEFAULT_BATCH_SIZE
 from indexer.metrics import DEFAULT_ADDRESS as DEFAULT_METRICS_ADDRESS
 
 EXAMPLES = (
@@ -272,7 +273,7 @@ def run(
         "--did", envvar="INDEXER_DIDS",
         help="Index only this account's events, and labels whose subject is this account. Repeatable.")] = None,
     batch_size: Annotated[int, typer.Option(envvar="INDEXER_BATCH_SIZE", min=1,
-                                            help="Commit after this many events.")] = 1000,
+                                            help="Commit after this many events (or after --batch-interval).")] = DEFAULT_BATCH_SIZE,
     batch_interval: Annotated[float, typer.Option(envvar="INDEXER_BATCH_INTERVAL", min=0.01,
                                                   help="Commit when the oldest uncommitted event is this many seconds old.")] = 0.2,
     receive_timeout: Annotated[float, typer.Option(envvar="INDEXER_RECEIVE_TIMEOUT", min=0.1,
@@ -556,7 +557,7 @@ def backfill(
         "--allow-local-http", envvar="INDEXER_ALLOW_LOCAL_HTTP", help="Accept http:// PDS and did:web hosts on 127.0.0.1 and localhost (testing).")]
     = False,
     batch_size: Annotated[int, typer.Option(envvar="INDEXER_BATCH_SIZE", min=1,
-                                            help="Commit after this many events or records.")] = 1000,
+                                            help="Commit after this many events or records.")] = DEFAULT_BATCH_SIZE,
     receive_timeout: Annotated[float, typer.Option(envvar="INDEXER_RECEIVE_TIMEOUT", min=0.1,
                                                    help="Reconnect when the stream is silent for this many seconds.")]
     = 60.0,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from indexer import frames
 from indexer.errors import IndexerError
-from indexer.ingest import LABELS_METHOD, REPOS_METHOD, Filters, StreamIndexer
+from indexer.ingest import DEFAULT_BATCH_SIZE, LABELS_METHOD, REPOS_METHOD, Filters, StreamIndexer
 from indexer.store import Store
 from indexer.stream import DEFAULT_MAX_MESSAGE_SIZE, StreamClient, endpoint_url
 from indexer.verifier import EventVerifier, VerifySettings
@@ -36,7 +36,7 @@ class RunSettings:
     relay: str | None = DEFAULT_RELAY  # None: no repo stream
     labelers: list[str] = field(default_factory=lambda: [DEFAULT_LABELER])
     filters: Filters = field(default_factory=Filters)
-    batch_size: int = 1000
+    batch_size: int = DEFAULT_BATCH_SIZE
     batch_interval: float = 0.2
     receive_timeout: float = 60.0
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE

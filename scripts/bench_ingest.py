@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import synthetic_stream  # noqa: E402
 
 from indexer import db, frames  # noqa: E402
+from indexer.ingest import DEFAULT_BATCH_SIZE  # noqa: E402
 from indexer.store import Batch  # noqa: E402
 from indexer.verifier import default_workers  # noqa: E402
 
@@ -470,7 +471,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=200_000, help="number of events in the stream (default: 200000)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the synthetic stream (default: 1)")
-    parser.add_argument("--batch-size", type=int, default=1000, help="events per committed batch (default: 1000)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help=f"events per committed batch (default: {DEFAULT_BATCH_SIZE}, as indexer run)")
     parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL"),
                         help="PostgreSQL server to use (default: DATABASE_URL, else an embedded server in a temporary directory)")
     parser.add_argument("--verify", choices=("off", "record"), default="off",

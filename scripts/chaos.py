@@ -83,6 +83,7 @@ class ChaosSettings:
     stalls: int = 1
     outage: float = 3.0  # seconds the database stays down
     receive_timeout: float = 2.0  # the indexer's --receive-timeout, which a stall must outlast
+    batch_size: int | None = None  # the indexer's --batch-size; None keeps its default
     timeout: float = 1500.0  # seconds each indexing run may take before the script gives up
     database_url: str | None = None
     keep: bool = False  # keep the data directory and databases for inspection
@@ -361,16 +362,18 @@ class Databases:
 class IndexerProcess:
     """One ``indexer run`` child process at a time, its output appended to a log file."""
 
-    def __init__(self, database_url: str, relay_url: str, log_path: Path, receive_timeout: float) -> None:
+    def __init__(self, database_url: str, relay_url: str, log_path: Path, settings: ChaosSettings) -> None:
         executable = Path(sys.executable).parent / "indexer"
         self.command = [
             str(executable) if executable.exists() else shutil.which("indexer") or "indexer",
             "run", "--relay", relay_url, "--no-labels", "--database-url", database_url, "--no-migrate",
-            "--no-metrics", "--receive-timeout", str(receive_timeout),
+            "--no-metrics", "--receive-timeout", str(settings.receive_timeout),
             # The synthetic stream's rewritten fields break every signature, so verification is off;
             # the PLC URL is a refused local port, so nothing reaches the network whatever resolves.
             "--verify", "off", "--plc-url", "http://127.0.0.1:9",
         ]
+        if settings.batch_size is not None:
+            self.command += ["--batch-size", str(settings.batch_size)]
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
         self.starts = 0
@@ -433,7 +436,7 @@ async def run_clean(databases: Databases, relay_url: str, last_seq: int, work_di
                     settings: ChaosSettings) -> float:
     """Index the whole stream once without faults; return the seconds it took."""
     started = time.monotonic()
-    indexer = IndexerProcess(databases.url_of("clean"), relay_url, work_dir / "clean.log", settings.receive_timeout)
+    indexer = IndexerProcess(databases.url_of("clean"), relay_url, work_dir / "clean.log", settings)
     cursor = CursorReader(databases, "clean")
     indexer.start()
     try:
@@ -465,8 +468,7 @@ class ChaosRun:
         self.settings = settings
         self.rng = rng
         relay_url = f"ws://127.0.0.1:{proxy.port}"
-        self.indexer = IndexerProcess(databases.url_of("faulty"), relay_url, work_dir / "chaos.log",
-                                      settings.receive_timeout)
+        self.indexer = IndexerProcess(databases.url_of("faulty"), relay_url, work_dir / "chaos.log", settings)
         self.cursor = CursorReader(databases, "faulty")
         self.faults = FaultLog()
         self.armed: tuple[int, str] | None = None  # (connection index, kind) of the armed relay fault
@@ -782,12 +784,16 @@ def parse_arguments(argv: list[str] | None) -> ChaosSettings:
                         help="PostgreSQL server to create the two scratch databases on (user needs CREATEDB); "
                         "default: an embedded server in a new directory under /tmp")
     parser.add_argument("--keep", action="store_true", help="keep the databases and logs for inspection")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="the indexer's --batch-size (default: its own); a short stream needs small batches, "
+                        "or a single commit covers it and the faults have no batches to hit")
     args = parser.parse_args(argv)
     if args.events < 10:
         parser.error(f"--events must be at least 10, got {args.events}")
     return ChaosSettings(events=args.events, seed=args.seed, kills=args.kills, drops=args.drops, stalls=args.stalls,
                          database_restarts=args.restarts, outage=args.outage, timeout=args.timeout,
-                         database_url=args.database_url, keep=args.keep)
+                         database_url=args.database_url, keep=args.keep,
+                         batch_size=args.batch_size)
 
 
 def main(argv: list[str] | None = None) -> int:
