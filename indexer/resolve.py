@@ -96,6 +96,8 @@ class DidResolver:
         self._connect_lock = asyncio.Lock()
         self._memory: OrderedDict[str, tuple[float, DidDocument | ResolveFailure]] = OrderedDict()
         self._in_flight: dict[str, asyncio.Future] = {}
+        self._lookups: dict[str, asyncio.Future] = {}  # DIDs waiting for the next cache query
+        self._lookup_task: asyncio.Task | None = None
 
     async def __aenter__(self) -> DidResolver:
         return self
@@ -105,6 +107,9 @@ class DidResolver:
 
     async def aclose(self) -> None:
         """Close the database connection and the HTTP session if the resolver created it."""
+        if self._lookup_task is not None:
+            self._lookup_task.cancel()
+            await asyncio.gather(self._lookup_task, return_exceptions=True)
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
@@ -234,15 +239,9 @@ class DidResolver:
         A stored failure counts only if it came from ``url``: after ``--plc-url`` is corrected, the
         DID is fetched from the new directory at once.
         """
-        connection = await self._database()
-        if connection is None:
+        if self.database_url is None:
             return None
-        cursor = await connection.execute(
-            "SELECT document, error, "
-            "checked_at > now() - make_interval(secs => %s), checked_at > now() - make_interval(secs => %s), "
-            "source_url FROM did_documents WHERE did = %s",
-            (self.ttl.total_seconds(), self.failure_ttl.total_seconds(), did))
-        row = await cursor.fetchone()
+        row = await self._stored_row(did)
         if row is None:
             return None
         document, error, fresh, failure_fresh, source_url = row
@@ -252,6 +251,53 @@ class DidResolver:
             return None
         parsed = parse_document(did, document)
         return parsed, bool(fresh) and error is None
+
+    async def _stored_row(self, did: str) -> tuple | None:
+        """Return the cached row of ``did``, or None. Lookups started in the same loop turn share one query.
+
+        While the indexer decodes a batch, the event loop turns rarely, so one query per DID made a
+        few hundred new DIDs wait longer than the verifier's key wait (their events were stored
+        unchecked). One query for all of them takes one round trip.
+        """
+        future = self._lookups.get(did)
+        if future is None:
+            future = self._lookups[did] = asyncio.get_running_loop().create_future()
+            if self._lookup_task is None:
+                self._lookup_task = asyncio.get_running_loop().create_task(self._look_up_waiting())
+        return await asyncio.shield(future)
+
+    async def _look_up_waiting(self) -> None:
+        """Run one query per round for the waiting lookups and set their results, until none are left."""
+        waiting: dict[str, asyncio.Future] = {}
+        try:
+            await asyncio.sleep(0)  # the DIDs of this loop turn join the first query
+            while self._lookups:
+                waiting, self._lookups = self._lookups, {}
+                try:
+                    rows = await self._query_rows(list(waiting))
+                except Exception as error:
+                    for future in waiting.values():
+                        future.set_exception(error)
+                        future.exception()  # mark retrieved: a waiter may be gone
+                    continue
+                for did, future in waiting.items():
+                    future.set_result(rows.get(did))
+        finally:
+            # Cancelled (aclose): no waiter may wait for a query that will not run.
+            self._lookup_task = None
+            for future in [*waiting.values(), *self._lookups.values()]:
+                if not future.done():
+                    future.cancel()
+            self._lookups = {}
+
+    async def _query_rows(self, dids: list[str]) -> dict[str, tuple]:
+        connection = await self._database()
+        cursor = await connection.execute(
+            "SELECT did, document, error, "
+            "checked_at > now() - make_interval(secs => %s), checked_at > now() - make_interval(secs => %s), "
+            "source_url FROM did_documents WHERE did = ANY(%s)",
+            (self.ttl.total_seconds(), self.failure_ttl.total_seconds(), dids))
+        return {row[0]: row[1:] for row in await cursor.fetchall()}
 
     async def _store(self, did: str, result: DidDocument | ResolveFailure, url: str) -> None:
         connection = await self._database()

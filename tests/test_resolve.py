@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import psycopg
 import pytest
 
@@ -97,6 +99,29 @@ async def test_database_cache_survives_resolver(database_url):
     with psycopg.connect(_libpq(database_url)) as connection:
         row = connection.execute("SELECT pds_endpoint, error FROM did_documents WHERE did = %s", (PLC_DID,)).fetchone()
     assert row == (network.url, None)
+
+
+async def test_concurrent_cache_lookups_share_one_query(database_url):
+    dids = [f"did:plc:{chr(ord('a') + index) * 24}" for index in range(12)]
+    async with FakeNetwork() as network:
+        for did in dids:
+            network.documents[did] = network.document_for(did)
+        async with DidResolver(plc_url=network.url, database_url=database_url) as resolver:
+            for did in dids:
+                await resolver.resolve(did)
+        async with DidResolver(plc_url=network.url, database_url=database_url) as resolver:
+            queries = []
+            query_rows = resolver._query_rows
+
+            async def counted(batch):
+                queries.append(len(batch))
+                return await query_rows(batch)
+
+            resolver._query_rows = counted
+            results = await asyncio.gather(*(resolver.resolve(did) for did in dids))
+    assert [result.did for result in results] == dids
+    assert queries == [len(dids)]
+    assert all(network.calls(f"/{did}") == 1 for did in dids)
 
 
 async def test_stale_document_used_when_directory_fails(database_url):
