@@ -110,6 +110,11 @@ class DidResolver:
         if self._lookup_task is not None:
             self._lookup_task.cancel()
             await asyncio.gather(self._lookup_task, return_exceptions=True)
+        # A task cancelled before its first step never ran its own clean-up.
+        self._lookup_task = None
+        lookups, self._lookups = self._lookups, {}
+        for future in lookups.values():
+            future.cancel()
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
@@ -262,7 +267,7 @@ class DidResolver:
         future = self._lookups.get(did)
         if future is None:
             future = self._lookups[did] = asyncio.get_running_loop().create_future()
-            if self._lookup_task is None:
+            if self._lookup_task is None or self._lookup_task.done():
                 self._lookup_task = asyncio.get_running_loop().create_task(self._look_up_waiting())
         return await asyncio.shield(future)
 

@@ -124,6 +124,22 @@ async def test_concurrent_cache_lookups_share_one_query(database_url):
     assert all(network.calls(f"/{did}") == 1 for did in dids)
 
 
+async def test_close_before_lookup_ran_releases_waiter(database_url):
+    # Regression: aclose() cancelled the shared lookup task before its first step, so the waiting
+    # resolve() hung, and every later lookup on the resolver too.
+    async with FakeNetwork() as network:
+        network.documents[PLC_DID] = network.document_for(PLC_DID)
+        resolver = DidResolver(plc_url=network.url, database_url=database_url)
+        waiter = asyncio.create_task(resolver.resolve(PLC_DID))
+        await asyncio.sleep(0)
+        await resolver.aclose()
+        done, _ = await asyncio.wait([waiter], timeout=3)
+        again = await asyncio.wait_for(resolver.resolve(PLC_DID), timeout=5)
+        await resolver.aclose()
+    assert done == {waiter}
+    assert isinstance(again, DidDocument)
+
+
 async def test_stale_document_used_when_directory_fails(database_url):
     async with FakeNetwork() as network:
         network.documents[PLC_DID] = network.document_for(PLC_DID)
