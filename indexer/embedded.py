@@ -12,8 +12,10 @@ import atexit
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +75,18 @@ def start(data_dir: Path | None = None) -> EmbeddedDatabase:
     url = uri.replace("postgresql://", "postgresql+psycopg://", 1)
     psql = f"{_psql_path()} '{uri}'"
     return EmbeddedDatabase(data_dir=pgdata, url=url, psql_command=psql)
+
+
+def start_scratch(prefix: str) -> EmbeddedDatabase:
+    """Start an embedded server in a new temporary directory, removed at exit after the server stops.
+
+    For benchmarks and scripts. A ``TemporaryDirectory`` block would remove the directory while the
+    server, which stops only at interpreter exit, still runs in it.
+    """
+    scratch = Path(tempfile.mkdtemp(prefix=prefix))
+    # Registered before start() registers the server's hook: atexit runs hooks last in, first out.
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    return start(scratch)
 
 
 def _ignore_interrupts_while_stopping() -> None:

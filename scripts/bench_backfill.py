@@ -22,7 +22,6 @@ os.environ.setdefault("RUST_LIB_BACKTRACE", "0")
 import argparse
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,24 +134,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no repo CAR files found under {root / 'repos'}", file=sys.stderr)
         return 2
 
-    with tempfile.TemporaryDirectory(prefix="indexer-bench-") as scratch:
-        if args.database_url:
-            server_url, where = db.normalize_url(args.database_url), "DATABASE_URL"
-        else:
-            from indexer import embedded
+    if args.database_url:
+        server_url, where = db.normalize_url(args.database_url), "DATABASE_URL"
+    else:
+        from indexer import embedded
 
-            server_url, where = embedded.start(Path(scratch)).url, "embedded, unix socket"
-        databases = ScratchDatabases(server_url)
-        try:
-            written, elapsed = index_replicas(databases.create("backfill"), repos, args.records, args.batch_size)
-            print(f"machine: {os.cpu_count()} cores ({platform.machine()}), Python {platform.python_version()}, "
-                  f"PostgreSQL {server_version(server_url)} ({where}), load average {os.getloadavg()[0]:.1f}")
-            print(f"repos: {len(repos)} real repo CARs, {sum(repo.records for repo in repos)} records, replicated")
-            print(f"{'backfill (CAR -> MST walk -> rows -> Store)':<48} {written / elapsed:>10,.0f} records/s  "
-                  f"{written:,} records in {elapsed:.1f} s, batch {args.batch_size}, "
-                  f"peak RSS {peak_rss() / 2**20:.0f} MB")
-        finally:
-            databases.close()
+        server_url, where = embedded.start_scratch("indexer-bench-").url, "embedded, unix socket"
+    databases = ScratchDatabases(server_url)
+    try:
+        written, elapsed = index_replicas(databases.create("backfill"), repos, args.records, args.batch_size)
+        print(f"machine: {os.cpu_count()} cores ({platform.machine()}), Python {platform.python_version()}, "
+              f"PostgreSQL {server_version(server_url)} ({where}), load average {os.getloadavg()[0]:.1f}")
+        print(f"repos: {len(repos)} real repo CARs, {sum(repo.records for repo in repos)} records, replicated")
+        print(f"{'backfill (CAR -> MST walk -> rows -> Store)':<48} {written / elapsed:>10,.0f} records/s  "
+              f"{written:,} records in {elapsed:.1f} s, batch {args.batch_size}, "
+              f"peak RSS {peak_rss() / 2**20:.0f} MB")
+    finally:
+        databases.close()
     return 0
 
 

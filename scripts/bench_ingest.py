@@ -19,7 +19,7 @@
 
 The frames come from ``synthetic_stream`` (real recorded frames, re-sequenced; see there).
 PostgreSQL is the embedded server in a temporary directory, or the server of ``DATABASE_URL``, on
-which the benchmark creates and afterwards drops two scratch databases (its user needs CREATEDB).
+which the benchmark creates and afterwards drops one scratch database per step (its user needs CREATEDB).
 
 Run: ``.venv/bin/python scripts/bench_ingest.py --events 200000``
 """
@@ -39,7 +39,6 @@ import platform
 import resource
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -516,37 +515,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     did_count = args.events // 4
-    with tempfile.TemporaryDirectory(prefix="indexer-bench-") as scratch:
-        if args.database_url:
-            server_url, embedded_server = db.normalize_url(args.database_url), False
-        else:
-            from indexer import embedded
+    if args.database_url:
+        server_url, embedded_server = db.normalize_url(args.database_url), False
+    else:
+        from indexer import embedded
 
-            server_url, embedded_server = embedded.start(Path(scratch)).url, True
-        databases = ScratchDatabases(server_url)
-        try:
-            print(f"building {args.events:,} frames ...", file=sys.stderr, flush=True)
-            frame_list = [frame for _seq, frame in synthetic_stream.iter_frames(args.events, seed=args.seed, did_count=did_count)]
-            results: dict = {"batch_size": args.batch_size}
-            print("1/4 decoding, ours ...", file=sys.stderr, flush=True)
-            results["ours"], batches = decode_ours(frame_list, args.batch_size)
-            print("2/4 decoding, atproto SDK ...", file=sys.stderr, flush=True)
-            results["sdk"] = decode_sdk(frame_list)
-            del frame_list
-            print("3/4 raw COPY ...", file=sys.stderr, flush=True)
-            results["copy"] = copy_rows(databases.create("copy"), batches)
-            del batches
-            print("4/4 end to end ...", file=sys.stderr, flush=True)
-            results["e2e"] = end_to_end(databases.create("e2e"), args.events, args.seed, did_count, args.batch_size)
-            if args.verify == "record":
-                print("6 end to end, --verify off and record ...", file=sys.stderr, flush=True)
-                verify_results = end_to_end_verify(server_url, databases, args.verify_repeats, args.batch_size,
-                                                    args.verify_workers)
-            print_table(machine_line(server_url, embedded_server), args.events, results)
-            if args.verify == "record":
-                print_verify(verify_results, args.verify_workers)
-        finally:
-            databases.close()
+        server_url, embedded_server = embedded.start_scratch("indexer-bench-").url, True
+    databases = ScratchDatabases(server_url)
+    try:
+        print(f"building {args.events:,} frames ...", file=sys.stderr, flush=True)
+        frame_list = [frame for _seq, frame in synthetic_stream.iter_frames(args.events, seed=args.seed, did_count=did_count)]
+        results: dict = {"batch_size": args.batch_size}
+        print("1/4 decoding, ours ...", file=sys.stderr, flush=True)
+        results["ours"], batches = decode_ours(frame_list, args.batch_size)
+        print("2/4 decoding, atproto SDK ...", file=sys.stderr, flush=True)
+        results["sdk"] = decode_sdk(frame_list)
+        del frame_list
+        print("3/4 raw COPY ...", file=sys.stderr, flush=True)
+        results["copy"] = copy_rows(databases.create("copy"), batches)
+        del batches
+        print("4/4 end to end ...", file=sys.stderr, flush=True)
+        results["e2e"] = end_to_end(databases.create("e2e"), args.events, args.seed, did_count, args.batch_size)
+        if args.verify == "record":
+            print("6 end to end, --verify off and record ...", file=sys.stderr, flush=True)
+            verify_results = end_to_end_verify(server_url, databases, args.verify_repeats, args.batch_size,
+                                                args.verify_workers)
+        print_table(machine_line(server_url, embedded_server), args.events, results)
+        if args.verify == "record":
+            print_verify(verify_results, args.verify_workers)
+    finally:
+        databases.close()
     return 0
 
 
