@@ -22,6 +22,7 @@ import json
 import logging
 import re
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -96,8 +97,12 @@ class DidResolver:
         self._connect_lock = asyncio.Lock()
         self._memory: OrderedDict[str, tuple[float, DidDocument | ResolveFailure]] = OrderedDict()
         self._in_flight: dict[str, asyncio.Future] = {}
-        self._lookups: dict[str, asyncio.Future] = {}  # DIDs waiting for the next cache query
-        self._lookup_task: asyncio.Task | None = None
+        # While the indexer decodes a batch, the event loop turns rarely, and each query on the one
+        # cache connection waits for a turn. One query per DID made a hundred new DIDs take longer
+        # than the verifier's key wait, so their events were stored unchecked. Lookups and writes
+        # made in the same loop turn therefore share one round trip.
+        self._lookups = _SharedRoundTrip(lambda dids: self._query_rows(list(dids)))
+        self._writes = _SharedRoundTrip(lambda rows: self._write_rows(rows))
 
     async def __aenter__(self) -> DidResolver:
         return self
@@ -107,14 +112,8 @@ class DidResolver:
 
     async def aclose(self) -> None:
         """Close the database connection and the HTTP session if the resolver created it."""
-        if self._lookup_task is not None:
-            self._lookup_task.cancel()
-            await asyncio.gather(self._lookup_task, return_exceptions=True)
-        # A task cancelled before its first step never ran its own clean-up.
-        self._lookup_task = None
-        lookups, self._lookups = self._lookups, {}
-        for future in lookups.values():
-            future.cancel()
+        await self._lookups.aclose()
+        await self._writes.aclose()
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
@@ -258,42 +257,8 @@ class DidResolver:
         return parsed, bool(fresh) and error is None
 
     async def _stored_row(self, did: str) -> tuple | None:
-        """Return the cached row of ``did``, or None. Lookups started in the same loop turn share one query.
-
-        While the indexer decodes a batch, the event loop turns rarely, so one query per DID made a
-        few hundred new DIDs wait longer than the verifier's key wait (their events were stored
-        unchecked). One query for all of them takes one round trip.
-        """
-        future = self._lookups.get(did)
-        if future is None:
-            future = self._lookups[did] = asyncio.get_running_loop().create_future()
-            if self._lookup_task is None or self._lookup_task.done():
-                self._lookup_task = asyncio.get_running_loop().create_task(self._look_up_waiting())
-        return await asyncio.shield(future)
-
-    async def _look_up_waiting(self) -> None:
-        """Run one query per round for the waiting lookups and set their results, until none are left."""
-        waiting: dict[str, asyncio.Future] = {}
-        try:
-            await asyncio.sleep(0)  # the DIDs of this loop turn join the first query
-            while self._lookups:
-                waiting, self._lookups = self._lookups, {}
-                try:
-                    rows = await self._query_rows(list(waiting))
-                except Exception as error:
-                    for future in waiting.values():
-                        future.set_exception(error)
-                        future.exception()  # mark retrieved: a waiter may be gone
-                    continue
-                for did, future in waiting.items():
-                    future.set_result(rows.get(did))
-        finally:
-            # Cancelled (aclose): no waiter may wait for a query that will not run.
-            self._lookup_task = None
-            for future in [*waiting.values(), *self._lookups.values()]:
-                if not future.done():
-                    future.cancel()
-            self._lookups = {}
+        """Return the cached row of ``did``, or None."""
+        return await self._lookups.call(did, did)
 
     async def _query_rows(self, dids: list[str]) -> dict[str, tuple]:
         connection = await self._database()
@@ -305,23 +270,95 @@ class DidResolver:
         return {row[0]: row[1:] for row in await cursor.fetchall()}
 
     async def _store(self, did: str, result: DidDocument | ResolveFailure, url: str) -> None:
-        connection = await self._database()
-        if connection is None:
+        """Write ``result`` to the cache; return once it is written."""
+        if self.database_url is None:
             return
-        if isinstance(result, DidDocument):
-            await connection.execute(
-                "INSERT INTO did_documents (did, document, pds_endpoint, handle, signing_key, resolved_at, "
-                "checked_at, error, source_url) VALUES (%s, %s, %s, %s, %s, now(), now(), NULL, %s) "
-                "ON CONFLICT (did) DO UPDATE SET document = EXCLUDED.document, pds_endpoint = EXCLUDED.pds_endpoint, "
-                "handle = EXCLUDED.handle, signing_key = EXCLUDED.signing_key, resolved_at = now(), "
-                "checked_at = now(), error = NULL, source_url = EXCLUDED.source_url",
-                (did, Jsonb(result.document), result.pds_endpoint, result.handle, result.signing_key, url))
-        else:
-            await connection.execute(
-                "INSERT INTO did_documents (did, checked_at, error, source_url) VALUES (%s, now(), %s, %s) "
-                "ON CONFLICT (did) DO UPDATE SET checked_at = now(), error = EXCLUDED.error, "
-                "source_url = EXCLUDED.source_url",
-                (did, result.error, url))
+        await self._writes.call(did, (result, url))
+
+    async def _write_rows(self, rows: dict[str, tuple[DidDocument | ResolveFailure, str]]) -> dict:
+        connection = await self._database()
+        documents = [(did, Jsonb(result.document), result.pds_endpoint, result.handle, result.signing_key, url)
+                     for did, (result, url) in rows.items() if isinstance(result, DidDocument)]
+        failures = [(did, result.error, url) for did, (result, url) in rows.items()
+                    if not isinstance(result, DidDocument)]
+        async with connection.cursor() as cursor:
+            if documents:
+                await cursor.executemany(
+                    "INSERT INTO did_documents (did, document, pds_endpoint, handle, signing_key, resolved_at, "
+                    "checked_at, error, source_url) VALUES (%s, %s, %s, %s, %s, now(), now(), NULL, %s) "
+                    "ON CONFLICT (did) DO UPDATE SET document = EXCLUDED.document, "
+                    "pds_endpoint = EXCLUDED.pds_endpoint, handle = EXCLUDED.handle, "
+                    "signing_key = EXCLUDED.signing_key, resolved_at = now(), checked_at = now(), error = NULL, "
+                    "source_url = EXCLUDED.source_url",
+                    documents)
+            if failures:
+                await cursor.executemany(
+                    "INSERT INTO did_documents (did, checked_at, error, source_url) VALUES (%s, now(), %s, %s) "
+                    "ON CONFLICT (did) DO UPDATE SET checked_at = now(), error = EXCLUDED.error, "
+                    "source_url = EXCLUDED.source_url",
+                    failures)
+        return {}
+
+
+class _SharedRoundTrip:
+    """Run the calls made in one event-loop turn as one ``run`` call, which takes ``{key: item}``.
+
+    ``run`` returns ``{key: result}``; a key it leaves out gets None. A later item for a key that is
+    still waiting replaces the earlier one, and both callers get the one result. Calls made while
+    ``run`` works go to the next round. An exception of ``run`` is raised in every caller of its
+    round.
+    """
+
+    def __init__(self, run: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]) -> None:
+        self._run = run
+        self._items: dict[str, Any] = {}
+        self._futures: dict[str, asyncio.Future] = {}
+        self._task: asyncio.Task | None = None
+
+    async def call(self, key: str, item: Any) -> Any:
+        self._items[key] = item
+        future = self._futures.get(key)
+        if future is None:
+            loop = asyncio.get_running_loop()
+            future = self._futures[key] = loop.create_future()
+            if self._task is None or self._task.done():
+                self._task = loop.create_task(self._run_rounds())
+        # Shielded: a cancelled caller must not cancel the round that other callers wait for.
+        return await asyncio.shield(future)
+
+    async def aclose(self) -> None:
+        """Cancel the running round; every waiting caller gets CancelledError."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        # A task cancelled before its first step never ran its own clean-up.
+        self._cancel_waiting({})
+
+    async def _run_rounds(self) -> None:
+        running: dict[str, asyncio.Future] = {}
+        try:
+            await asyncio.sleep(0)  # the calls of this loop turn join the first round
+            while self._futures:
+                items, self._items = self._items, {}
+                running, self._futures = self._futures, {}
+                try:
+                    results = await self._run(items)
+                except Exception as error:
+                    for future in running.values():
+                        future.set_exception(error)
+                        future.exception()  # mark retrieved: a caller may be gone
+                    continue
+                for key, future in running.items():
+                    future.set_result(results.get(key))
+        finally:
+            self._cancel_waiting(running)
+
+    def _cancel_waiting(self, running: dict[str, asyncio.Future]) -> None:
+        for future in [*running.values(), *self._futures.values()]:
+            if not future.done():
+                future.cancel()
+        self._items, self._futures = {}, {}
 
 
 def _status_failure(did: str, url: str, status: int) -> ResolveFailure:

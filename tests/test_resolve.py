@@ -124,6 +124,29 @@ async def test_concurrent_cache_lookups_share_one_query(database_url):
     assert all(network.calls(f"/{did}") == 1 for did in dids)
 
 
+async def test_concurrent_cache_writes_share_rounds(database_url):
+    dids = [f"did:plc:{chr(ord('a') + index) * 24}" for index in range(12)]
+    async with FakeNetwork() as network:
+        for did in dids[:-1]:
+            network.documents[did] = network.document_for(did)
+        async with DidResolver(plc_url=network.url, database_url=database_url) as resolver:
+            rounds = []
+            write_rows = resolver._write_rows
+
+            async def counted(rows):
+                rounds.append(len(rows))
+                return await write_rows(rows)
+
+            resolver._write_rows = counted
+            results = await asyncio.gather(*(resolver.resolve(did) for did in dids))
+    with psycopg.connect(_libpq(database_url)) as connection:
+        stored = connection.execute("SELECT did, error IS NULL FROM did_documents ORDER BY did").fetchall()
+    assert sum(rounds) == len(dids)
+    assert len(rounds) < len(dids)
+    assert isinstance(results[-1], ResolveFailure)
+    assert stored == [(did, did != dids[-1]) for did in dids]
+
+
 async def test_close_before_lookup_ran_releases_waiter(database_url):
     # Regression: aclose() cancelled the shared lookup task before its first step, so the waiting
     # resolve() hung, and every later lookup on the resolver too.
