@@ -240,8 +240,10 @@ class DidResolver:
     async def _from_database(self, did: str, url: str) -> tuple[DidDocument | ResolveFailure, bool] | None:
         """Return the stored result and whether it is still fresh, or None when nothing is stored.
 
-        A stored failure counts only if it came from ``url``: after ``--plc-url`` is corrected, the
-        DID is fetched from the new directory at once.
+        A stored result counts as fresh only if it came from ``url``: after ``--plc-url`` changes,
+        the DID is fetched from the new directory at once. A stored document from elsewhere is
+        still returned, as stale, so it serves when the new directory fails. Rows written before
+        ``source_url`` existed (NULL) count as coming from ``url``.
         """
         if self.database_url is None:
             return None
@@ -254,7 +256,8 @@ class DidResolver:
         if document is None:
             return None
         parsed = parse_document(did, document)
-        return parsed, bool(fresh) and error is None
+        same_source = source_url is None or source_url == url
+        return parsed, bool(fresh) and error is None and same_source
 
     async def _stored_row(self, did: str) -> tuple | None:
         """Return the cached row of ``did``, or None."""

@@ -200,6 +200,21 @@ async def test_cached_failure_ignored_after_plc_url_change(database_url):
     assert right.calls(f"/{PLC_DID}") == 1
 
 
+async def test_cached_document_refetched_after_plc_url_change(database_url):
+    async with FakeNetwork() as first, FakeNetwork() as second:
+        first.documents[PLC_DID] = first.document_for(PLC_DID, handle="old.example")
+        second.documents[PLC_DID] = second.document_for(PLC_DID, handle="new.example")
+        async with DidResolver(plc_url=first.url, database_url=database_url) as resolver:
+            await resolver.resolve(PLC_DID)
+        async with DidResolver(plc_url=second.url, database_url=database_url) as resolver:
+            result = await resolver.resolve(PLC_DID)
+        async with DidResolver(plc_url=second.url, database_url=database_url) as resolver:
+            again = await resolver.resolve(PLC_DID)
+    assert result.handle == "new.example"
+    assert again.handle == "new.example"
+    assert second.calls(f"/{PLC_DID}") == 1
+
+
 @pytest.mark.parametrize("status", [500, 429])
 async def test_server_error_is_transient_failure(status):
     async with FakeNetwork() as network:
