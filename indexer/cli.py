@@ -293,6 +293,9 @@ def run(
     verify: VerifyOption = "record",
     verify_workers: VerifyWorkersOption = None,
     verify_key_wait: VerifyKeyWaitOption = 0.5,
+    verify_recheck_interval: Annotated[float, typer.Option(
+        envvar="INDEXER_VERIFY_RECHECK_INTERVAL", min=1.0,
+        help="Seconds between two checks of the events stored unchecked because no key was known.")] = 300.0,
     metrics_addr: MetricsAddressOption = DEFAULT_METRICS_ADDRESS,
     no_metrics: NoMetricsOption = False,
     progress_interval: ProgressIntervalOption = 30.0,
@@ -333,6 +336,10 @@ def run(
 
         resync_settings = RepoJobSettings(job="resync", plc_url=plc_url)
         background.append(lambda: resync_periodically(database.url, resync_settings, resync_interval))
+    if settings.verify.mode != "off":
+        from indexer.recheck import recheck_periodically
+
+        background.append(lambda: recheck_periodically(database.url, settings.verify, verify_recheck_interval))
     tune_gc()
     try:
         asyncio.run(run_observed(run_streams(indexers, background), indexers, metrics_address=metrics_address,

@@ -46,6 +46,7 @@ from indexer.events import (
     Sync,
 )
 from indexer.labels import subject_did
+from indexer.recheck import backlog_row
 from indexer.store import Batch, Gap, Store
 from indexer.stream import Backoff, OversizedMessage, StreamClient
 from indexer.verifier import EventVerifier, VerifyMode, dead_letter_failures
@@ -297,6 +298,8 @@ class StreamIndexer:
         seqs = [event.seq for event in batch.events if isinstance(event, (Commit, Sync, Labels))]
         outcomes = await self.verifier.outcomes(seqs)
         batch.apply_verifications(outcomes)
+        # Stored with the rows, so that a later check can set their outcome (indexer.recheck).
+        batch.backlog = [backlog_row(self.endpoint, seq, work) for seq, work in self.verifier.take_unchecked().items()]
         if self.verifier.settings.mode is VerifyMode.ENFORCE:
             batch, dropped = dead_letter_failures(batch, outcomes)
             if dropped:

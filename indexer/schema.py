@@ -428,6 +428,32 @@ labels = Table(
     ),
 )
 
+BACKLOG_KINDS = ("commit", "sync", "labels")
+
+verification_backlog = Table(
+    "verification_backlog",
+    metadata,
+    Column("endpoint", ID, nullable=False, comment="Stream endpoint URL the event came from."),
+    Column("seq", BigInteger, nullable=False, comment="Sequence number of the event on that endpoint."),
+    Column("kind", ID, nullable=False, comment="What was signed: commit, sync or labels."),
+    Column("did", ID, nullable=False,
+           comment="DID whose key signs the event: the account, or for labels the labeler of the first one."),
+    Column("work", LargeBinary, nullable=False,
+           comment="What the checks need (the commit's blocks and ops, or the labels), as DAG-CBOR."),
+    Column("attempts", Integer, nullable=False, server_default="0",
+           comment="Re-checks that still found no key."),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now(),
+           comment="When the event was stored unchecked."),
+    Column("checked_at", DateTime(timezone=True), comment="Time of the last re-check; NULL before the first."),
+    PrimaryKeyConstraint("endpoint", "seq"),
+    CheckConstraint(f"kind IN ({', '.join(repr(kind) for kind in BACKLOG_KINDS)})", name="kind"),
+    comment=(
+        "Events stored with verified NULL (no_key) because the signer's key was unknown when they were "
+        "indexed. indexer run checks them again until a key is found, then sets verified on their rows "
+        "and deletes them here."
+    ),
+)
+
 # The clock of the current_labels view: now(), unless the session sets indexer.now (tests do).
 VIEW_CLOCK = "COALESCE(NULLIF(current_setting('indexer.now', true), '')::timestamptz, now())"
 

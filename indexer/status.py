@@ -66,6 +66,9 @@ class Status:
     gaps: list[dict[str, Any]] = field(default_factory=list)  # the most recent ones
     gap_count: int = 0
     backfill: list[dict[str, Any]] | None = None  # job, state, repos
+    # Events stored unchecked for want of a key, waiting for indexer run to check them again;
+    # None when the database has no verification_backlog table.
+    verification_backlog: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Return the status as JSON-ready values (datetimes as ISO 8601 strings)."""
@@ -101,6 +104,8 @@ def _read(connection: psycopg.Connection, display_url: str) -> Status:
         status.gap_count = connection.execute("SELECT count(*) FROM gaps").fetchone()[0]
         status.gaps = _rows(connection, "SELECT endpoint, from_seq, to_seq, reason, message, detected_at FROM gaps "
                                         "ORDER BY id DESC LIMIT %s", (RECENT_GAPS,))
+    if "verification_backlog" in existing:
+        status.verification_backlog = connection.execute("SELECT count(*) FROM verification_backlog").fetchone()[0]
     if "backfill_repos" in existing:
         status.backfill = _rows(connection, "SELECT job, state, count(*) AS repos FROM backfill_repos "
                                             "GROUP BY job, state ORDER BY job, state")
@@ -195,6 +200,9 @@ def print_status(status: Status, console: Console) -> None:
 
     _print_rows(console, "Dead letters", status.dead_letters, "none")
     console.print(f"Gaps recorded: {status.gap_count}")
+    if status.verification_backlog is not None:
+        console.print(f"Events stored unchecked (no key yet), to be checked again by indexer run: "
+                      f"{status.verification_backlog:,}")
     _print_rows(console, "Most recent gaps", status.gaps, None)
     if status.backfill is None:
         console.print("Backfill: this database has no backfill table (run `indexer db upgrade`)")

@@ -101,6 +101,8 @@ class Batch:
     # Verification outcomes by seq (see ``apply_verifications``): a Verification for a commit or
     # sync, a list with one per label for a #labels event.
     verifications: dict[int, Any] = field(default_factory=dict)
+    # verification_backlog rows of the events stored unchecked (no key), written with them.
+    backlog: list[dict[str, Any]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.events)
@@ -425,8 +427,8 @@ class Store:
             self._write_rejected(batch, error)
             return
         middle = len(batch.events) // 2
-        first = rebuild(batch.endpoint, batch.events[:middle], batch.verifications)
-        second = rebuild(batch.endpoint, batch.events[middle:], batch.verifications)
+        first = rebuild(batch.endpoint, batch.events[:middle], batch.verifications, batch.backlog)
+        second = rebuild(batch.endpoint, batch.events[middle:], batch.verifications, batch.backlog)
         # The cursor may have moved past skipped events after the last event with rows.
         second.cursor, second.cursor_time = batch.cursor, batch.cursor_time
         self.write(first)
@@ -487,6 +489,7 @@ class Store:
         for table_name, rows in batch.history.items():
             _insert_ignoring_duplicates(cursor, schema.metadata.tables[table_name], rows)
         _insert_ignoring_duplicates(cursor, schema.dead_letters, batch.dead_letters)
+        _insert_ignoring_duplicates(cursor, schema.verification_backlog, batch.backlog)
         if batch.retried_dead_letters:
             cursor.execute("DELETE FROM dead_letters WHERE id = ANY(%s)", (batch.retried_dead_letters,))
         for gap in batch.gaps:
@@ -518,13 +521,16 @@ class Store:
             self.connection = None
 
 
-def rebuild(endpoint: str, events: Iterable[Any], verifications: dict[int, Any] | None = None) -> Batch:
-    """Return a new batch of ``events``, in order, with the verification outcomes of their rows."""
+def rebuild(endpoint: str, events: Iterable[Any], verifications: dict[int, Any] | None = None,
+            backlog: Iterable[dict[str, Any]] = ()) -> Batch:
+    """Return a new batch of ``events``, in order, with the verification outcomes and backlog rows of their seqs."""
     batch = Batch(endpoint=endpoint)
     for event in events:
         batch.add(event)
     if verifications:
         batch.apply_verifications(verifications)
+    seqs = {getattr(event, "seq", None) for event in batch.events}
+    batch.backlog = [row for row in backlog if row["seq"] in seqs]
     return batch
 
 

@@ -137,6 +137,9 @@ class EventVerifier:
         self._chunk: list[_Job] = []
         self._pool: concurrent.futures.Executor | None = None
         self.counts: collections.Counter = collections.Counter()  # "true", "false", "null" outcomes
+        # The work of events whose outcome was NO_KEY, by seq, until take_unchecked(): what a
+        # later check needs (see indexer.recheck).
+        self.unchecked: dict[int, tuple] = {}
         self._failures_logged_at: float | None = None
         self._failures_unlogged = 0
 
@@ -171,8 +174,19 @@ class EventVerifier:
         Call it before collection filters drop ops: the commit proof needs every op.
         """
         job = _job_for(event)
-        if job is None:
-            return
+        if job is not None:
+            self._submit(job)
+
+    def submit_work(self, key: int, work: tuple) -> None:
+        """Start checking ``work`` (as ``_job_for`` builds it) under ``key``, which ``outcomes`` takes as a seq."""
+        self._submit(_job(key, work))
+
+    def take_unchecked(self) -> dict[int, tuple]:
+        """Return and forget the work of the events whose outcome was NO_KEY, by seq."""
+        unchecked, self.unchecked = self.unchecked, {}
+        return unchecked
+
+    def _submit(self, job: _Job) -> None:
         self._jobs[job.seq] = job
         keys = [self._cached_key(did, fragment) for did, fragment in job.signers]
         if any(key is _PENDING for key in keys):
@@ -298,9 +312,13 @@ class EventVerifier:
         results = {job.seq: await job.future for job in jobs}
         await self._retry_mismatches(jobs, results)
         outcomes = {seq: _combine(result) for seq, result in results.items()}
-        for outcome in outcomes.values():
-            for single in outcome if isinstance(outcome, list) else [outcome]:
+        for job in jobs:
+            outcome = outcomes[job.seq]
+            singles = outcome if isinstance(outcome, list) else [outcome]
+            for single in singles:
                 self.counts[_count_label(single)] += 1
+            if any(single.reason is VerifyFailure.NO_KEY for single in singles):
+                self.unchecked[job.seq] = job.work
         return outcomes
 
     async def _wait_for_keys(self, waiting: list[_Job]) -> None:
@@ -368,13 +386,21 @@ def _job_for(event: Any) -> _Job | None:
         if event.too_big:
             return None  # a deprecated tooBig commit carries too few blocks to check
         ops = [{"action": op.action, "path": op.path, "cid": op.cid, "prev": op.prev} for op in event.ops]
-        work = ("commit", event.blocks, event.commit_cid, event.did, event.rev, ops, event.prev_data)
-        return _Job(event.seq, work, [(event.did, REPO_KEY)])
+        return _job(event.seq, ("commit", event.blocks, event.commit_cid, event.did, event.rev, ops, event.prev_data))
     if isinstance(event, Sync):
-        return _Job(event.seq, ("sync", event.blocks, event.did, event.rev), [(event.did, REPO_KEY)])
+        return _job(event.seq, ("sync", event.blocks, event.did, event.rev))
     if isinstance(event, Labels) and event.labels:
-        return _Job(event.seq, ("labels", list(event.labels)), [(label.src, LABEL_KEY) for label in event.labels])
+        return _job(event.seq, ("labels", list(event.labels)))
     return None
+
+
+def _job(seq: int, work: tuple) -> _Job:
+    """Return the job of ``work``, with the key of each signature it carries."""
+    if work[0] == "commit":
+        return _Job(seq, work, [(work[3], REPO_KEY)])
+    if work[0] == "sync":
+        return _Job(seq, work, [(work[2], REPO_KEY)])
+    return _Job(seq, work, [(label.src, LABEL_KEY) for label in work[1]])
 
 
 # --- worker side ---------------------------------------------------------------------------------
@@ -480,7 +506,7 @@ def dead_letter_failures(batch: Batch, outcomes: dict[int, Any]) -> tuple[Batch,
             events.append(event)
     if not replaced:
         return batch, 0
-    rebuilt = rebuild(batch.endpoint, events, kept_outcomes)
+    rebuilt = rebuild(batch.endpoint, events, kept_outcomes, batch.backlog)
     rebuilt.cursor, rebuilt.cursor_time = batch.cursor, batch.cursor_time
     rebuilt.retried_dead_letters = batch.retried_dead_letters
     return rebuilt, replaced

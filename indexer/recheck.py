@@ -1,0 +1,184 @@
+"""Checking again the events that were stored unchecked because their signer's key was unknown.
+
+A DID document may not resolve in time: the PLC directory is down or slow, or the key wait ran
+out. The event's rows are then stored with ``verified`` NULL and ``verify_reason`` ``no_key``, and
+what its checks need goes to ``verification_backlog`` in the same transaction. ``indexer run``
+calls ``recheck_once`` every few minutes: it checks the oldest entries again, sets the outcome on
+the rows that still carry ``no_key``, and deletes every entry that got an outcome. An entry that
+still finds no key stays, and is tried again after ``retry_after`` seconds.
+
+``--verify enforce`` applies when an event is indexed: an event that fails a later check keeps its
+rows, with ``verified`` false and the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from dataclasses import dataclass, replace
+from typing import Any
+
+import libipld
+import psycopg
+
+from indexer import schema
+from indexer.crypto import Verification, VerifyFailure
+from indexer.events import Label
+from indexer.verifier import EventVerifier, VerifySettings
+
+log = logging.getLogger(__name__)
+
+# Seconds a re-check waits for DID documents; nothing waits for it, so it may wait longer than a batch.
+RECHECK_KEY_WAIT = 30.0
+
+# The tables whose rows a #commit writes, each with verified and verify_reason.
+_COMMIT_TABLES = [*schema.RECORD_TABLES.values(), schema.records, schema.deletions]
+
+
+def encode_work(work: tuple) -> bytes:
+    """Return the DAG-CBOR form of a verification work tuple (see ``verifier._job_for``)."""
+    if work[0] == "labels":
+        return libipld.encode_dag_cbor([dataclasses.asdict(label) for label in work[1]])
+    return libipld.encode_dag_cbor(list(work[1:]))
+
+
+def decode_work(kind: str, data: bytes) -> tuple:
+    """Return the work tuple that ``encode_work`` turned into ``data``."""
+    fields = libipld.decode_dag_cbor(data)
+    if kind == "labels":
+        return ("labels", [Label(**label) for label in fields])
+    return (kind, *fields)
+
+
+def backlog_row(endpoint: str, seq: int, work: tuple) -> dict[str, Any]:
+    """Return the ``verification_backlog`` row of an event stored unchecked."""
+    kind = work[0]
+    if kind == "commit":
+        did = work[3]
+    elif kind == "sync":
+        did = work[2]
+    else:
+        did = work[1][0].src
+    return {"endpoint": endpoint, "seq": seq, "kind": kind, "did": did, "work": encode_work(work)}
+
+
+@dataclass
+class RecheckSummary:
+    """The counts of one ``recheck_once`` round."""
+
+    checked: int = 0
+    verified: int = 0  # events whose outcome is now true (every label, for #labels)
+    failed: int = 0  # events with at least one check now false
+    still_unchecked: int = 0
+
+
+async def recheck_once(database_url: str, verifier: EventVerifier, *, limit: int = 1000,
+                       retry_after: float = 600.0) -> RecheckSummary:
+    """Check up to ``limit`` backlog entries again, oldest first, and store what they find.
+
+    Entries checked less than ``retry_after`` seconds ago are left for a later round. Safe to run
+    while the streams index: it only changes rows that still carry ``no_key``.
+    """
+    url = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    entries = await asyncio.to_thread(_due_entries, url, limit, retry_after)
+    summary = RecheckSummary(checked=len(entries))
+    if not entries:
+        return summary
+
+    works = [decode_work(kind, work) for _endpoint, _seq, kind, work in entries]
+    for key, work in enumerate(works):
+        verifier.submit_work(key, work)
+    outcomes = await verifier.outcomes(list(range(len(entries))))
+    verifier.take_unchecked()
+
+    results = []
+    for key, (endpoint, seq, kind, _work) in enumerate(entries):
+        outcome = outcomes[key]
+        singles = outcome if isinstance(outcome, list) else [outcome]
+        if any(single.reason is VerifyFailure.NO_KEY for single in singles):
+            summary.still_unchecked += 1
+        elif any(single.verified is False for single in singles):
+            summary.failed += 1
+        else:
+            summary.verified += 1
+        results.append((endpoint, seq, kind, works[key], outcome))
+    await asyncio.to_thread(_store_outcomes, url, results)
+    return summary
+
+
+async def recheck_periodically(database_url: str, settings: VerifySettings, interval: float) -> None:
+    """Run ``recheck_once`` now and then every ``interval`` seconds, until cancelled.
+
+    A failing round is logged and retried at the next interval; it never stops the indexers.
+    """
+    verifier = EventVerifier(replace(settings, key_wait=max(settings.key_wait, RECHECK_KEY_WAIT)), database_url)
+    try:
+        while True:
+            try:
+                summary = await recheck_once(database_url, verifier, retry_after=interval)
+                if summary.checked:
+                    log.info(f"unchecked events checked again: {summary.verified} verified, {summary.failed} "
+                             f"failed, {summary.still_unchecked} still without a key",
+                             extra={"count": summary.checked})
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # a database or network failure of one round; the next round retries
+                log.warning("re-checking unchecked events failed; retrying at the next interval",
+                            extra={"error": f"{type(error).__name__}: {error}", "delay": interval})
+            await asyncio.sleep(interval)
+    finally:
+        await verifier.aclose()
+
+
+def _due_entries(url: str, limit: int, retry_after: float) -> list[tuple[str, int, str, bytes]]:
+    with psycopg.connect(url) as connection:
+        return connection.execute(
+            "SELECT endpoint, seq, kind, work FROM verification_backlog "
+            "WHERE checked_at IS NULL OR checked_at < now() - make_interval(secs => %s) "
+            "ORDER BY created_at, endpoint, seq LIMIT %s",
+            (retry_after, limit)).fetchall()
+
+
+def _store_outcomes(url: str, results: list[tuple[str, int, str, tuple, Any]]) -> None:
+    """Set the outcomes on the rows and settle the backlog entries, in one transaction."""
+    with psycopg.connect(url) as connection, connection.transaction(), connection.cursor() as cursor:
+        for endpoint, seq, kind, work, outcome in results:
+            singles = outcome if isinstance(outcome, list) else [outcome]
+            if any(single.reason is VerifyFailure.NO_KEY for single in singles):
+                cursor.execute(
+                    "UPDATE verification_backlog SET attempts = attempts + 1, checked_at = now() "
+                    "WHERE endpoint = %s AND seq = %s", (endpoint, seq))
+                continue
+            _set_outcome(cursor, endpoint, seq, kind, work, outcome)
+            cursor.execute("DELETE FROM verification_backlog WHERE endpoint = %s AND seq = %s", (endpoint, seq))
+
+
+def _set_outcome(cursor: psycopg.Cursor, endpoint: str, seq: int, kind: str, work: tuple, outcome: Any) -> None:
+    """Write ``outcome`` on the event's rows that are still unchecked for want of a key."""
+    if kind == "commit":
+        verified, reason = _columns(outcome)
+        for table in _COMMIT_TABLES:
+            cursor.execute(
+                f"UPDATE {table.name} SET verified = %s, verify_reason = %s "
+                "WHERE did = %s AND seq = %s AND verify_reason = 'no_key'",
+                (verified, reason, work[3], seq))
+    elif kind == "sync":
+        verified, reason = _columns(outcome)
+        cursor.execute(
+            "UPDATE sync_events SET verified = %s, verify_reason = %s "
+            "WHERE endpoint = %s AND seq = %s AND verify_reason = 'no_key'",
+            (verified, reason, endpoint, seq))
+    else:
+        for label, single in zip(work[1], outcome):
+            verified, reason = _columns(single)
+            # The unique key of labels: a label re-sent on replay is one row, whatever its seq.
+            cursor.execute(
+                "UPDATE labels SET verified = %s, verify_reason = %s "
+                "WHERE src = %s AND uri = %s AND cid IS NOT DISTINCT FROM %s AND val = %s AND neg = %s "
+                "AND cts_raw = %s AND verify_reason = 'no_key'",
+                (verified, reason, label.src, label.uri, label.cid, label.val, label.neg, label.cts))
+
+
+def _columns(outcome: Verification) -> tuple[bool | None, str | None]:
+    return outcome.verified, str(outcome.reason) if outcome.reason is not None else None
