@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 # Seconds a re-check waits for DID documents; nothing waits for it, so it may wait longer than a batch.
 RECHECK_KEY_WAIT = 30.0
+# Entries per round. A full round that settled some entries is followed by the next one at once,
+# so a backlog left by a long outage drains without waiting an interval per round.
+ROUND_SIZE = 1000
 
 # The tables whose rows a #commit writes, each with verified and verify_reason.
 _COMMIT_TABLES = [*schema.RECORD_TABLES.values(), schema.records, schema.deletions]
@@ -73,15 +76,15 @@ class RecheckSummary:
     still_unchecked: int = 0
 
 
-async def recheck_once(database_url: str, verifier: EventVerifier, *, limit: int = 1000,
+async def recheck_once(database_url: str, verifier: EventVerifier, *, limit: int | None = None,
                        retry_after: float = 600.0) -> RecheckSummary:
-    """Check up to ``limit`` backlog entries again, oldest first, and store what they find.
+    """Check up to ``limit`` (default ``ROUND_SIZE``) backlog entries again, oldest first, and store what they find.
 
     Entries checked less than ``retry_after`` seconds ago are left for a later round. Safe to run
     while the streams index: it only changes rows that still carry ``no_key``.
     """
     url = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
-    entries = await asyncio.to_thread(_due_entries, url, limit, retry_after)
+    entries = await asyncio.to_thread(_due_entries, url, ROUND_SIZE if limit is None else limit, retry_after)
     summary = RecheckSummary(checked=len(entries))
     if not entries:
         return summary
@@ -110,9 +113,11 @@ async def recheck_once(database_url: str, verifier: EventVerifier, *, limit: int
 async def recheck_periodically(database_url: str, settings: VerifySettings, interval: float) -> None:
     """Run ``recheck_once`` now and then every ``interval`` seconds, until cancelled.
 
-    A failing round is logged and retried at the next interval; it never stops the indexers.
+    A failing round is logged and retried at the next interval; it never stops the indexers. The
+    checks run in one worker process (or a thread with ``workers`` 0), beside the streams' own.
     """
-    verifier = EventVerifier(replace(settings, key_wait=max(settings.key_wait, RECHECK_KEY_WAIT)), database_url)
+    settings = replace(settings, key_wait=max(settings.key_wait, RECHECK_KEY_WAIT), workers=min(settings.workers, 1))
+    verifier = EventVerifier(settings, database_url)
     try:
         while True:
             try:
@@ -121,6 +126,8 @@ async def recheck_periodically(database_url: str, settings: VerifySettings, inte
                     log.info(f"unchecked events checked again: {summary.verified} verified, {summary.failed} "
                              f"failed, {summary.still_unchecked} still without a key",
                              extra={"count": summary.checked})
+                if summary.checked == ROUND_SIZE and summary.still_unchecked < summary.checked:
+                    continue  # more are due, and keys are being found: go on at once
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # a database or network failure of one round; the next round retries

@@ -6,6 +6,8 @@ Recorded relay commits and real signed labels are indexed while the local PLC di
 
 from __future__ import annotations
 
+import asyncio
+
 from fake_network import FakeNetwork
 from label_harness import labels_frame, signed_labels
 from test_verify_pipeline import (
@@ -21,7 +23,8 @@ from test_verify_pipeline import (
 from indexer import frames
 from indexer.events import Commit
 from indexer.ingest import LABELS_METHOD
-from indexer.recheck import decode_work, encode_work, recheck_once
+from indexer import recheck
+from indexer.recheck import decode_work, encode_work, recheck_once, recheck_periodically
 from indexer.verifier import EventVerifier, _job_for
 
 
@@ -88,3 +91,23 @@ async def test_recheck_verifies_labels(database_url):
             summary = await recheck_once(database_url, verifier)
     assert summary.verified == 1
     assert query(database_url, "SELECT verified, verify_reason FROM labels") == [(True, None)] * len(labels)
+
+
+async def test_periodic_recheck_drains_full_rounds_at_once(database_url, monkeypatch):
+    monkeypatch.setattr(recheck, "ROUND_SIZE", 50)
+    frame_pairs = jetstream_frames()
+    async with FakeNetwork(documents=jetstream_documents(), plc_status=503) as plc:
+        await index_all(database_url, frame_pairs, verify_settings(plc))
+        plc.plc_status = None
+        # The interval is far longer than the test: the rounds of 50, 50 and 10 run back to back.
+        task = asyncio.create_task(recheck_periodically(database_url, verify_settings(plc), interval=3600))
+        try:
+            for _ in range(200):
+                if query(database_url, "SELECT count(*) FROM verification_backlog") == [(0,)]:
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    assert query(database_url, "SELECT count(*) FROM verification_backlog") == [(0,)]
+    assert _row_outcomes(database_url) == {(True, None)}
