@@ -25,6 +25,7 @@ import psycopg
 from indexer import schema
 from indexer.crypto import Verification, VerifyFailure
 from indexer.events import Label
+from indexer.labels import row_for_label
 from indexer.verifier import EventVerifier, VerifySettings
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,11 @@ RECHECK_KEY_WAIT = 30.0
 # Entries per round. A full round that settled some entries is followed by the next one at once,
 # so a backlog left by a long outage drains without waiting an interval per round.
 ROUND_SIZE = 1000
+# An entry that still finds no key waits twice as long before each next check, and after this many
+# checks it is dropped: its rows keep no_key. A DID that does not resolve (deleted, invalid, without
+# a signing key) must not fill every round. With the default interval of 300 s, the last check
+# comes about 7 days after the first (2047 intervals).
+MAX_ATTEMPTS = 12
 
 # The tables whose rows a #commit writes, each with verified and verify_reason.
 _COMMIT_TABLES = [*schema.RECORD_TABLES.values(), schema.records, schema.deletions]
@@ -62,7 +68,7 @@ def backlog_row(endpoint: str, seq: int, work: tuple) -> dict[str, Any]:
     elif kind == "sync":
         did = work[2]
     else:
-        did = work[1][0].src
+        did = row_for_label(endpoint, seq, work[1][0])["src"]  # as the labels row stores it, without U+0000
     return {"endpoint": endpoint, "seq": seq, "kind": kind, "did": did, "work": encode_work(work)}
 
 
@@ -74,6 +80,8 @@ class RecheckSummary:
     verified: int = 0  # events whose outcome is now true (every label, for #labels)
     failed: int = 0  # events with at least one check now false
     still_unchecked: int = 0
+    given_up: int = 0  # entries dropped after MAX_ATTEMPTS checks without a key
+    deferred: int = 0  # entries left for the next round because their update was a deadlock victim
 
 
 async def recheck_once(database_url: str, verifier: EventVerifier, *, limit: int | None = None,
@@ -106,7 +114,7 @@ async def recheck_once(database_url: str, verifier: EventVerifier, *, limit: int
         else:
             summary.verified += 1
         results.append((endpoint, seq, kind, works[key], outcome))
-    await asyncio.to_thread(_store_outcomes, url, results)
+    await asyncio.to_thread(_store_outcomes, url, results, summary)
     return summary
 
 
@@ -124,8 +132,8 @@ async def recheck_periodically(database_url: str, settings: VerifySettings, inte
                 summary = await recheck_once(database_url, verifier, retry_after=interval)
                 if summary.checked:
                     log.info(f"unchecked events checked again: {summary.verified} verified, {summary.failed} "
-                             f"failed, {summary.still_unchecked} still without a key",
-                             extra={"count": summary.checked})
+                             f"failed, {summary.still_unchecked} still without a key ({summary.given_up} of them "
+                             f"given up after {MAX_ATTEMPTS} checks)", extra={"count": summary.checked})
                 if summary.checked == ROUND_SIZE and summary.still_unchecked < summary.checked:
                     continue  # more are due, and keys are being found: go on at once
             except asyncio.CancelledError:
@@ -133,36 +141,66 @@ async def recheck_periodically(database_url: str, settings: VerifySettings, inte
             except Exception as error:  # a database or network failure of one round; the next round retries
                 log.warning("re-checking unchecked events failed; retrying at the next interval",
                             extra={"error": f"{type(error).__name__}: {error}", "delay": interval})
+                # A new verifier: the failure may be its worker pool, which stays broken once a worker died.
+                await verifier.aclose()
+                verifier = EventVerifier(settings, database_url)
             await asyncio.sleep(interval)
     finally:
         await verifier.aclose()
 
 
 def _due_entries(url: str, limit: int, retry_after: float) -> list[tuple[str, int, str, bytes]]:
+    """Return the entries due for a check: never checked first, then the least checked, oldest first."""
     with psycopg.connect(url) as connection:
         return connection.execute(
             "SELECT endpoint, seq, kind, work FROM verification_backlog "
-            "WHERE checked_at IS NULL OR checked_at < now() - make_interval(secs => %s) "
-            "ORDER BY created_at, endpoint, seq LIMIT %s",
+            "WHERE checked_at IS NULL "
+            "OR checked_at < now() - make_interval(secs => %s * power(2, attempts - 1)) "
+            "ORDER BY attempts, created_at, endpoint, seq LIMIT %s",
             (retry_after, limit)).fetchall()
 
 
-def _store_outcomes(url: str, results: list[tuple[str, int, str, tuple, Any]]) -> None:
-    """Set the outcomes on the rows and settle the backlog entries, in one transaction."""
-    with psycopg.connect(url) as connection, connection.transaction(), connection.cursor() as cursor:
+def _store_outcomes(url: str, results: list[tuple[str, int, str, tuple, Any]], summary: RecheckSummary) -> None:
+    """Set the outcomes on the rows and settle the backlog entries, one transaction per entry.
+
+    Short transactions lock the rows of one event at a time, so a round cannot hold locks that
+    the stream writers wait for. An entry whose transaction loses a deadlock is left for the next
+    round.
+    """
+    with psycopg.connect(url) as connection:
         for endpoint, seq, kind, work, outcome in results:
-            singles = outcome if isinstance(outcome, list) else [outcome]
-            if any(single.reason is VerifyFailure.NO_KEY for single in singles):
-                cursor.execute(
-                    "UPDATE verification_backlog SET attempts = attempts + 1, checked_at = now() "
-                    "WHERE endpoint = %s AND seq = %s", (endpoint, seq))
-                continue
-            _set_outcome(cursor, endpoint, seq, kind, work, outcome)
-            cursor.execute("DELETE FROM verification_backlog WHERE endpoint = %s AND seq = %s", (endpoint, seq))
+            try:
+                with connection.transaction(), connection.cursor() as cursor:
+                    if _settle(cursor, endpoint, seq, kind, work, outcome):
+                        summary.given_up += 1
+            except psycopg.errors.DeadlockDetected:
+                summary.deferred += 1
+
+
+def _settle(cursor: psycopg.Cursor, endpoint: str, seq: int, kind: str, work: tuple, outcome: Any) -> bool:
+    """Store the outcomes found and update or delete the entry; return True when it was given up."""
+    _set_outcome(cursor, endpoint, seq, kind, work, outcome)
+    singles = outcome if isinstance(outcome, list) else [outcome]
+    if not any(single.reason is VerifyFailure.NO_KEY for single in singles):
+        cursor.execute("DELETE FROM verification_backlog WHERE endpoint = %s AND seq = %s", (endpoint, seq))
+        return False
+    attempts = cursor.execute(
+        "UPDATE verification_backlog SET attempts = attempts + 1, checked_at = now() "
+        "WHERE endpoint = %s AND seq = %s RETURNING attempts", (endpoint, seq)).fetchone()
+    if attempts is not None and attempts[0] >= MAX_ATTEMPTS:
+        cursor.execute("DELETE FROM verification_backlog WHERE endpoint = %s AND seq = %s", (endpoint, seq))
+        return True
+    return False
 
 
 def _set_outcome(cursor: psycopg.Cursor, endpoint: str, seq: int, kind: str, work: tuple, outcome: Any) -> None:
-    """Write ``outcome`` on the event's rows that are still unchecked for want of a key."""
+    """Write ``outcome`` on the event's rows that are still unchecked for want of a key.
+
+    An outcome that is still NO_KEY changes nothing; for labels, the other labels of the frame
+    get theirs.
+    """
+    if not isinstance(outcome, list) and outcome.reason is VerifyFailure.NO_KEY:
+        return
     if kind == "commit":
         verified, reason = _columns(outcome)
         for table in _COMMIT_TABLES:
@@ -178,13 +216,16 @@ def _set_outcome(cursor: psycopg.Cursor, endpoint: str, seq: int, kind: str, wor
             (verified, reason, endpoint, seq))
     else:
         for label, single in zip(work[1], outcome):
+            if single.reason is VerifyFailure.NO_KEY:
+                continue
             verified, reason = _columns(single)
-            # The unique key of labels: a label re-sent on replay is one row, whatever its seq.
+            # The unique key of labels, as stored (without U+0000): a label re-sent on replay is one row.
+            row = row_for_label(endpoint, seq, label)
             cursor.execute(
                 "UPDATE labels SET verified = %s, verify_reason = %s "
                 "WHERE src = %s AND uri = %s AND cid IS NOT DISTINCT FROM %s AND val = %s AND neg = %s "
                 "AND cts_raw = %s AND verify_reason = 'no_key'",
-                (verified, reason, label.src, label.uri, label.cid, label.val, label.neg, label.cts))
+                (verified, reason, row["src"], row["uri"], row["cid"], row["val"], row["neg"], row["cts_raw"]))
 
 
 def _columns(outcome: Verification) -> tuple[bool | None, str | None]:
