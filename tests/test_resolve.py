@@ -101,6 +101,19 @@ async def test_database_cache_survives_resolver(database_url):
     assert row == (network.url, None)
 
 
+def _record_call_sizes(resolver: DidResolver, name: str) -> list[int]:
+    """Wrap the resolver's coroutine method ``name`` and return the list that gets each call's argument size."""
+    sizes: list[int] = []
+    method = getattr(resolver, name)
+
+    async def recorded(argument):
+        sizes.append(len(argument))
+        return await method(argument)
+
+    setattr(resolver, name, recorded)
+    return sizes
+
+
 async def test_concurrent_cache_lookups_share_one_query(database_url):
     dids = [f"did:plc:{chr(ord('a') + index) * 24}" for index in range(12)]
     async with FakeNetwork() as network:
@@ -110,14 +123,7 @@ async def test_concurrent_cache_lookups_share_one_query(database_url):
             for did in dids:
                 await resolver.resolve(did)
         async with DidResolver(plc_url=network.url, database_url=database_url) as resolver:
-            queries = []
-            query_rows = resolver._query_rows
-
-            async def counted(batch):
-                queries.append(len(batch))
-                return await query_rows(batch)
-
-            resolver._query_rows = counted
+            queries = _record_call_sizes(resolver, "_query_rows")
             results = await asyncio.gather(*(resolver.resolve(did) for did in dids))
     assert [result.did for result in results] == dids
     assert queries == [len(dids)]
@@ -130,14 +136,7 @@ async def test_concurrent_cache_writes_share_rounds(database_url):
         for did in dids[:-1]:
             network.documents[did] = network.document_for(did)
         async with DidResolver(plc_url=network.url, database_url=database_url) as resolver:
-            rounds = []
-            write_rows = resolver._write_rows
-
-            async def counted(rows):
-                rounds.append(len(rows))
-                return await write_rows(rows)
-
-            resolver._write_rows = counted
+            rounds = _record_call_sizes(resolver, "_write_rows")
             results = await asyncio.gather(*(resolver.resolve(did) for did in dids))
     with psycopg.connect(_libpq(database_url)) as connection:
         stored = connection.execute("SELECT did, error IS NULL FROM did_documents ORDER BY did").fetchall()
