@@ -449,8 +449,8 @@ verification_backlog = Table(
     CheckConstraint(f"kind IN ({', '.join(repr(kind) for kind in BACKLOG_KINDS)})", name="kind"),
     comment=(
         "Events stored with verified NULL (no_key) because the signer's key was unknown when they were "
-        "indexed. indexer run checks them again until a key is found, then sets verified on their rows "
-        "and deletes them here."
+        "indexed. indexer run checks them again with a growing wait; once a key is found it sets verified "
+        "on their rows and deletes them here, and after 12 checks without one it deletes them too."
     ),
 )
 
