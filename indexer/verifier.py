@@ -161,8 +161,11 @@ class EventVerifier:
         # Awaited so that their HTTP responses are released before the session closes.
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+            pool, self._pool = self._pool, None
+            # Waits for the pool's manager thread (at most the chunk being checked). At interpreter
+            # exit, Python 3.11 wakes every manager thread still alive, and one closing its wakeup
+            # pipe at that moment printed "OSError: [Errno 9] Bad file descriptor".
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
         if self._owns_resolver:
             await self.resolver.aclose()
 
