@@ -26,7 +26,7 @@ def chaos_output() -> subprocess.CompletedProcess:
     environment = {**os.environ, "INDEXER_FIXTURES": str(fixtures)}
     environment.pop("DATABASE_URL", None)
     command = [sys.executable, str(REPO_ROOT / "scripts" / "chaos.py"), "--events", "3000", "--kills", "5",
-               "--drops", "6", "--seed", "7", "--batch-size", "1000"]
+               "--drops", "6", "--seed", "7", "--batch-size", "300"]
     return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=280, check=False)
 
 
