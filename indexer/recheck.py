@@ -26,18 +26,19 @@ from indexer import schema
 from indexer.crypto import Verification, VerifyFailure
 from indexer.events import Label
 from indexer.labels import row_for_label
-from indexer.verifier import EventVerifier, VerifySettings
+from indexer.verifier import EventVerifier, VerifySettings, lacks_key, signers, singles
 
 log = logging.getLogger(__name__)
 
-# Seconds a re-check waits for DID documents; nothing waits for it, so it may wait longer than a batch.
+# Seconds a re-check waits for DID documents. No stream waits for a re-check, so it may wait longer
+# than a batch does.
 RECHECK_KEY_WAIT = 30.0
 # Entries per round. A full round that settled some entries is followed by the next one at once,
 # so a backlog left by a long outage drains without waiting an interval per round.
 ROUND_SIZE = 1000
-# An entry that still finds no key waits twice as long before each next check, and after this many
-# checks it is dropped: its rows keep no_key. A DID that does not resolve (deleted, invalid, without
-# a signing key) must not fill every round. With the default interval of 300 s, the last check
+# An entry that still finds no key waits twice as long before each next check. After this many
+# checks it is dropped and its rows keep no_key, so that DIDs that never resolve (deleted, invalid,
+# without a signing key) do not fill every round. At the default interval of 300 s, the last check
 # comes about 7 days after the first (2047 intervals).
 MAX_ATTEMPTS = 12
 
@@ -62,14 +63,9 @@ def decode_work(kind: str, data: bytes) -> tuple:
 
 def backlog_row(endpoint: str, seq: int, work: tuple) -> dict[str, Any]:
     """Return the ``verification_backlog`` row of an event stored unchecked."""
-    kind = work[0]
-    if kind == "commit":
-        did = work[3]
-    elif kind == "sync":
-        did = work[2]
-    else:
-        did = row_for_label(endpoint, seq, work[1][0])["src"]  # as the labels row stores it, without U+0000
-    return {"endpoint": endpoint, "seq": seq, "kind": kind, "did": did, "work": encode_work(work)}
+    # Without U+0000, as the labels row stores a label's src: PostgreSQL text rejects it.
+    did = signers(work)[0][0].replace("\x00", "")
+    return {"endpoint": endpoint, "seq": seq, "kind": work[0], "did": did, "work": encode_work(work)}
 
 
 @dataclass
@@ -88,8 +84,9 @@ async def recheck_once(database_url: str, verifier: EventVerifier, *, limit: int
                        retry_after: float = 600.0) -> RecheckSummary:
     """Check up to ``limit`` (default ``ROUND_SIZE``) backlog entries again, oldest first, and store what they find.
 
-    Entries checked less than ``retry_after`` seconds ago are left for a later round. Safe to run
-    while the streams index: it only changes rows that still carry ``no_key``.
+    An entry is due ``retry_after`` seconds after its first check, and the wait doubles after each
+    further check. Safe to run while the streams index, because it only changes rows that still
+    carry ``no_key``.
     """
     url = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
     entries = await asyncio.to_thread(_due_entries, url, ROUND_SIZE if limit is None else limit, retry_after)
@@ -106,10 +103,9 @@ async def recheck_once(database_url: str, verifier: EventVerifier, *, limit: int
     results = []
     for key, (endpoint, seq, kind, _work) in enumerate(entries):
         outcome = outcomes[key]
-        singles = outcome if isinstance(outcome, list) else [outcome]
-        if any(single.reason is VerifyFailure.NO_KEY for single in singles):
+        if lacks_key(outcome):
             summary.still_unchecked += 1
-        elif any(single.verified is False for single in singles):
+        elif any(single.verified is False for single in singles(outcome)):
             summary.failed += 1
         else:
             summary.verified += 1
@@ -133,12 +129,13 @@ async def recheck_periodically(database_url: str, settings: VerifySettings, inte
                 if summary.checked:
                     log.info(f"unchecked events checked again: {summary.verified} verified, {summary.failed} "
                              f"failed, {summary.still_unchecked} still without a key ({summary.given_up} of them "
-                             f"given up after {MAX_ATTEMPTS} checks)", extra={"count": summary.checked})
+                             f"given up after {MAX_ATTEMPTS} checks), {summary.deferred} left for the next "
+                             "round after a deadlock", extra={"count": summary.checked})
                 if summary.checked == ROUND_SIZE and summary.still_unchecked < summary.checked:
                     continue  # more are due, and keys are being found: go on at once
             except asyncio.CancelledError:
                 raise
-            except Exception as error:  # a database or network failure of one round; the next round retries
+            except Exception as error:  # a database or network failure of one round: the next round retries
                 log.warning("re-checking unchecked events failed; retrying at the next interval",
                             extra={"error": f"{type(error).__name__}: {error}", "delay": interval})
                 # A new verifier: the failure may be its worker pool, which stays broken once a worker died.
@@ -180,8 +177,7 @@ def _store_outcomes(url: str, results: list[tuple[str, int, str, tuple, Any]], s
 def _settle(cursor: psycopg.Cursor, endpoint: str, seq: int, kind: str, work: tuple, outcome: Any) -> bool:
     """Store the outcomes found and update or delete the entry; return True when it was given up."""
     _set_outcome(cursor, endpoint, seq, kind, work, outcome)
-    singles = outcome if isinstance(outcome, list) else [outcome]
-    if not any(single.reason is VerifyFailure.NO_KEY for single in singles):
+    if not lacks_key(outcome):
         cursor.execute("DELETE FROM verification_backlog WHERE endpoint = %s AND seq = %s", (endpoint, seq))
         return False
     attempts = cursor.execute(
@@ -196,10 +192,10 @@ def _settle(cursor: psycopg.Cursor, endpoint: str, seq: int, kind: str, work: tu
 def _set_outcome(cursor: psycopg.Cursor, endpoint: str, seq: int, kind: str, work: tuple, outcome: Any) -> None:
     """Write ``outcome`` on the event's rows that are still unchecked for want of a key.
 
-    An outcome that is still NO_KEY changes nothing; for labels, the other labels of the frame
-    get theirs.
+    An outcome that is still NO_KEY changes nothing. Of a #labels frame, the labels that were
+    checked get their outcome.
     """
-    if not isinstance(outcome, list) and outcome.reason is VerifyFailure.NO_KEY:
+    if kind != "labels" and lacks_key(outcome):
         return
     if kind == "commit":
         verified, reason = _columns(outcome)

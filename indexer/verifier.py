@@ -137,8 +137,8 @@ class EventVerifier:
         self._chunk: list[_Job] = []
         self._pool: concurrent.futures.Executor | None = None
         self.counts: collections.Counter = collections.Counter()  # "true", "false", "null" outcomes
-        # The work of events whose outcome was NO_KEY, by seq, until take_unchecked(): what a
-        # later check needs (see indexer.recheck).
+        # The work of events whose outcome was NO_KEY, by seq, kept until take_unchecked(). It is
+        # what a later check needs (see indexer.recheck).
         self.unchecked: dict[int, tuple] = {}
         self._failures_logged_at: float | None = None
         self._failures_unlogged = 0
@@ -162,9 +162,9 @@ class EventVerifier:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            # Waits for the pool's manager thread (at most the chunk being checked). At interpreter
-            # exit, Python 3.11 wakes every manager thread still alive, and one closing its wakeup
-            # pipe at that moment printed "OSError: [Errno 9] Bad file descriptor".
+            # Waits for the pool's manager thread, at most for the chunk being checked. At exit, Python
+            # 3.11 wakes every manager thread still alive without the pool's lock (_python_exit in
+            # concurrent/futures/process.py), so one closing its pipe then raises "Bad file descriptor".
             await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
         if self._owns_resolver:
             await self.resolver.aclose()
@@ -317,10 +317,9 @@ class EventVerifier:
         outcomes = {seq: _combine(result) for seq, result in results.items()}
         for job in jobs:
             outcome = outcomes[job.seq]
-            singles = outcome if isinstance(outcome, list) else [outcome]
-            for single in singles:
+            for single in singles(outcome):
                 self.counts[_count_label(single)] += 1
-            if any(single.reason is VerifyFailure.NO_KEY for single in singles):
+            if lacks_key(outcome):
                 self.unchecked[job.seq] = job.work
         return outcomes
 
@@ -399,11 +398,26 @@ def _job_for(event: Any) -> _Job | None:
 
 def _job(seq: int, work: tuple) -> _Job:
     """Return the job of ``work``, with the key of each signature it carries."""
+    return _Job(seq, work, signers(work))
+
+
+def signers(work: tuple) -> list[tuple[str, str]]:
+    """Return ``(did, key fragment)`` of each signature in ``work``: one for a commit or sync, one per label."""
     if work[0] == "commit":
-        return _Job(seq, work, [(work[3], REPO_KEY)])
+        return [(work[3], REPO_KEY)]
     if work[0] == "sync":
-        return _Job(seq, work, [(work[2], REPO_KEY)])
-    return _Job(seq, work, [(label.src, LABEL_KEY) for label in work[1]])
+        return [(work[2], REPO_KEY)]
+    return [(label.src, LABEL_KEY) for label in work[1]]
+
+
+def singles(outcome: Any) -> list[Verification]:
+    """Return the Verifications of an outcome: itself for a commit or sync, one per label for #labels."""
+    return outcome if isinstance(outcome, list) else [outcome]
+
+
+def lacks_key(outcome: Any) -> bool:
+    """True when a signature of the outcome could not be checked because no key was known."""
+    return any(single.reason is VerifyFailure.NO_KEY for single in singles(outcome))
 
 
 # --- worker side ---------------------------------------------------------------------------------
