@@ -330,7 +330,7 @@ class _SharedRoundTrip:
         return await asyncio.shield(future)
 
     async def aclose(self) -> None:
-        """Cancel the running round; every waiting caller gets CancelledError."""
+        """Cancel the running round, so every waiting caller gets CancelledError."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)

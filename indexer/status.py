@@ -66,7 +66,7 @@ class Status:
     gaps: list[dict[str, Any]] = field(default_factory=list)  # the most recent ones
     gap_count: int = 0
     backfill: list[dict[str, Any]] | None = None  # job, state, repos
-    # Events stored unchecked for want of a key, waiting for indexer run to check them again;
+    # Events stored unchecked for want of a key, waiting for indexer run to check them again.
     # None when the database has no verification_backlog table.
     verification_backlog: int | None = None
 

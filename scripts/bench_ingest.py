@@ -415,8 +415,8 @@ async def _warm_did_cache(url: str, plc_url: str) -> None:
     """Store the DID documents of the recorded commits in the database's cache before step 6 runs.
 
     Step 6 measures the checks, not the resolution. With a cold cache, the events of the first
-    batches also wait for their DID documents (at most ``key_wait``; those still unresolved then
-    are stored unchecked, which would make ``--verify record`` look cheaper than it is).
+    batches also wait for their DID documents, at most ``key_wait``. Those still unresolved then
+    are stored unchecked, which would make ``--verify record`` look cheaper than it is.
     """
     import json
 
