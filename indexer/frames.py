@@ -86,7 +86,8 @@ def _message_start(frame: bytes) -> tuple[str, int] | Invalid | ErrorFrame | Ski
         return Invalid(DropReason(error.reason), str(error), raw=frame)
     if header.op == OP_ERROR:
         return _decode_error_frame(frame, header, body_offset)
-    if header.op != OP_MESSAGE:
+    if header.op != OP_MESSAGE or header.t is None:
+        # _read_header rejects a message frame without 't', so the second test only informs mypyc.
         return Skipped(SkipReason.UNKNOWN_OP, header.t)
     return header.t, body_offset
 
@@ -400,9 +401,9 @@ def _usual_commit(body: dict[str, Any], *, verify_cids: bool) -> Commit | None:
     ``DecodeError`` or sets ``op.error`` with a message that names the problem.
     """
     get = body.get
-    seq, did, rev, since, time = get("seq"), get("repo"), get("rev"), get("since"), get("time")
+    seq, did, rev, since, time = _valid_seq(get("seq")), get("repo"), get("rev"), get("since"), get("time")
     blocks, too_big, rebase, raw_ops = get("blocks"), get("tooBig"), get("rebase"), get("ops")
-    if (_valid_seq(seq) is None or type(did) is not str or type(rev) is not str or type(time) is not str
+    if (seq is None or type(did) is not str or type(rev) is not str or type(time) is not str
             or (since is not None and type(since) is not str) or type(blocks) is not bytes or not blocks
             or type(raw_ops) is not list or (too_big is not None and too_big is not False)
             or (rebase is not None and type(rebase) is not bool)):
@@ -462,13 +463,12 @@ def _usual_op(raw_op: Any, car_blocks: dict[bytes, bytes], *, verify_cids: bool)
             _VALID_COLLECTIONS.add(collection)
     if not slash or rkey in (".", "..") or not _RECORD_KEY.fullmatch(rkey):
         return None
-    cid = _usual_cid_text(cid_bytes) if cid_bytes is not None else None
-    if cid_bytes is not None and cid is None:
+    cid = None
+    if cid_bytes is not None and (cid := _usual_cid_text(cid_bytes)) is None:
         return None
     if action == "delete":
         return RecordOp(action=action, collection=collection, rkey=rkey, cid=None, prev=prev)
-    block = car_blocks.get(cid_bytes) if cid is not None else None
-    if block is None:
+    if cid_bytes is None or (block := car_blocks.get(cid_bytes)) is None:
         return None
     op = RecordOp(action=action, collection=collection, rkey=rkey, cid=cid, prev=prev, record_bytes=block)
     _decode_record(op, cid_bytes, block, verify_cids=verify_cids)

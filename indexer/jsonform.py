@@ -65,6 +65,8 @@ def to_json(value: Any, *, block: bytes | None = None) -> JsonForm:
     try:
         converted = converter.convert(value)
     except _AmbiguousCid:
+        # Raised only when the block is known, so that it can be re-read with its tags.
+        assert block is not None
         converter = _Converter(block, tagged=True)
         converted = converter.convert(_TaggedReader(block).read_all())
     return JsonForm(converted, converter.nul_chars_removed)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 from bisect import bisect_left
 from collections.abc import Iterator, Mapping
+from typing import NoReturn
 
 import libipld
 
@@ -325,7 +326,7 @@ _HEIGHT_BOUNDS = tuple(_height_bounds(height) for height in range(129))
 
 def _decode_entries(
     cid: bytes, raw_entries: list, layer: int | None
-) -> tuple[int, list[bytes], list[int], list[bytes], list[bytes | None]]:
+) -> tuple[int, list[bytes], list[int], list[bytes], list[Subtree]]:
     """Expand the prefix-compressed entries of the node block ``cid`` into full keys.
 
     Returns the layer (for ``layer`` None, the height of the first key, or 0 without keys) and
@@ -341,7 +342,7 @@ def _decode_entries(
     keys: list[bytes] = []
     prefixes: list[int] = []
     values: list[bytes] = []
-    rights: list[bytes | None] = []
+    rights: list[Subtree] = []
     previous = b""
     raw: object = None
     try:
@@ -376,7 +377,7 @@ def _decode_entries(
     return layer, keys, prefixes, values, rights
 
 
-def _reject_entry(cid: bytes, previous: bytes, prefix: int, suffix: bytes) -> None:
+def _reject_entry(cid: bytes, previous: bytes, prefix: int, suffix: bytes) -> NoReturn:
     """Raise InvalidNodeError saying why an entry's key does not follow ``previous``."""
     if not 0 <= prefix <= len(previous):
         raise InvalidNodeError(f"MST node {cid_to_str(cid)}: prefix length {prefix} exceeds previous key")
@@ -467,7 +468,7 @@ class Mst:
 
         ``keep`` False does not add a newly loaded node to the nodes kept for later edits.
         """
-        if subtree is None or type(subtree) is Node:
+        if subtree is None or isinstance(subtree, Node):
             return subtree
         node = self._loaded.get(subtree)
         if node is None:
@@ -649,9 +650,10 @@ class Mst:
 
     def root_cid(self) -> bytes:
         """Return the CID of the root node (of an empty node when the tree is empty)."""
-        if self._root is None:
+        root = self._root
+        if root is None:
             return node_cid(_encode(None, [], None, [], []))
-        return self._subtree_cid(self._root, None)
+        return root if isinstance(root, bytes) else self._node_cid(root, None)
 
     def encoded_blocks(self) -> dict[bytes, bytes]:
         """Return ``cid -> block bytes`` for every node held in memory (loaded or new)."""
@@ -668,17 +670,21 @@ class Mst:
 
         With a ``sink``, every in-memory node is encoded and added to it, known CID or not.
         """
-        if subtree is None or type(subtree) is bytes:
+        if subtree is None or isinstance(subtree, bytes):
             return subtree
-        if subtree.cid is not None and sink is None:
-            return subtree.cid
-        left = self._subtree_cid(subtree.left, sink)
+        return self._node_cid(subtree, sink)
+
+    def _node_cid(self, node: Node, sink: dict[bytes, bytes] | None) -> bytes:
+        """Return the CID of ``node``, encoding it (and its in-memory subtrees) when needed; see ``_subtree_cid``."""
+        if node.cid is not None and sink is None:
+            return node.cid
+        left = self._subtree_cid(node.left, sink)
         rights = [
-            right if right is None or type(right) is bytes else self._subtree_cid(right, sink)
-            for right in subtree.rights
+            right if right is None or isinstance(right, bytes) else self._node_cid(right, sink)
+            for right in node.rights
         ]
-        block = _encode(left, subtree.keys, subtree.prefixes, subtree.values, rights)
-        subtree.cid = node_cid(block)
+        block = _encode(left, node.keys, node.prefixes, node.values, rights)
+        cid = node.cid = node_cid(block)
         if sink is not None:
-            sink[subtree.cid] = block
-        return subtree.cid
+            sink[cid] = block
+        return cid

@@ -254,6 +254,8 @@ def _post_columns(fields: dict[str, Any], values: dict[str, Any]) -> None:
 
 def _quoted(embed: dict[str, Any] | None, embed_kind: str | None) -> tuple[str | None, str | None]:
     """Return (uri, cid) of the record a post quotes, from an embed record or recordWithMedia."""
+    if embed is None:
+        return None, None
     if embed_kind == "record":
         return _strong_ref(embed.get("record"))
     if embed_kind == "recordWithMedia":

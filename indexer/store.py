@@ -231,7 +231,7 @@ class Batch:
             elif op.action == "delete":
                 self._add_deletion(commit, op.collection, op.rkey, time)
             elif op.record is not None and op.cid is not None:
-                self._add_record(commit, op, time)
+                self._add_record(commit, op, op.cid, time)
 
     def _add_op_error(self, commit: Commit, path: str, error: OpError, raw: bytes | None) -> None:
         self.add_dead_letter(error.reason, error.message, raw, seq=commit.seq, did=commit.did, t="#commit", path=path)
@@ -248,11 +248,11 @@ class Batch:
             self.deletions[key] = {"did": commit.did, "collection": collection, "rkey": rkey,
                                    "rev": commit.rev, "seq": commit.seq, "time": time, **UNCHECKED}
 
-    def _add_record(self, commit: Commit, op: RecordOp, time: datetime | None) -> None:
+    def _add_record(self, commit: Commit, op: RecordOp, cid: str, time: datetime | None) -> None:
         # The raw block tells CID links from byte strings exactly in the JSON form, and judging
         # createdAt against the commit's time (not the clock) gives the same row on every replay.
         collection, rkey = op.collection, op.rkey
-        row = records.row_for_record(collection, commit.did, rkey, op.cid, commit.rev, commit.seq, op.record,
+        row = records.row_for_record(collection, commit.did, rkey, cid, commit.rev, commit.seq, op.record,
                                      block=op.record_bytes, now=time)
         if row.nul_stripped:
             self.nul_stripped += 1
@@ -350,18 +350,20 @@ class Store:
         self.history_rows_written = 0  # labels, identity, account and sync event rows
         self.dead_letters_written = 0
 
-    def connect(self) -> None:
+    def connect(self) -> psycopg.Connection:
+        """Return the open connection, connecting (and locking the cursor) first when there is none."""
         if self.connection is not None and not self.connection.closed:
-            return
+            return self.connection
         try:
-            self.connection = psycopg.connect(self.url, autocommit=False)
+            connection = self.connection = psycopg.connect(self.url, autocommit=False)
         except CONNECTION_ERRORS as error:
             raise DatabaseUnavailable(f"cannot connect to the database: {error}".strip()) from error
         if self.exclusive:
-            self._lock_cursor()
-        _create_staging_tables(self.connection)
+            self._lock_cursor(connection)
+        _create_staging_tables(connection)
+        return connection
 
-    def _lock_cursor(self) -> None:
+    def _lock_cursor(self, connection: psycopg.Connection) -> None:
         """Take the session advisory lock of this endpoint and job, or raise StreamLocked.
 
         Two writers on one cursor would each move it past the other's uncommitted batches. The
@@ -375,11 +377,12 @@ class Store:
         deadline = time.monotonic() + LOCK_WAIT_SECONDS
         while True:
             try:
-                locked = self.connection.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]
-                self.connection.commit()
+                found = connection.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+                connection.commit()
             except CONNECTION_ERRORS as error:
                 self._drop_connection()
                 raise DatabaseUnavailable(f"locking the cursor failed: {error}") from error
+            locked = found is not None and found[0]
             if locked or time.monotonic() >= deadline:
                 break
             time.sleep(0.2)
@@ -397,17 +400,17 @@ class Store:
 
     def read_cursor(self) -> int | None:
         """Return the committed cursor of this endpoint and job, or None when there is none yet."""
-        self.connect()
+        connection = self.connect()
         try:
-            with self.connection.cursor() as cursor:
+            with connection.cursor() as cursor:
                 cursor.execute("SELECT seq FROM cursors WHERE endpoint = %s AND job = %s", (self.endpoint, self.job))
                 found = cursor.fetchone()
-            self.connection.commit()
+            connection.commit()
         except CONNECTION_ERRORS as error:
             self._drop_connection()
             raise DatabaseUnavailable(f"reading the cursor failed: {error}") from error
         except REFUSED_ERRORS as error:
-            self.connection.rollback()
+            connection.rollback()
             raise self._refused("reading the cursor", error) from error
         return found[0] if found else None
 
@@ -415,11 +418,11 @@ class Store:
         """Apply ``batch`` and move the cursor in one transaction; split it when a value is rejected."""
         if batch.is_empty():
             return
-        self.connect()
+        connection = self.connect()
         try:
             self._write_once(batch)
         except DATA_ERRORS as error:
-            self.connection.rollback()
+            connection.rollback()
             self._write_split(batch, error)
 
     def _write_split(self, batch: Batch, error: Exception) -> None:
@@ -450,9 +453,10 @@ class Store:
         self._write_once(replacement)
 
     def _write_once(self, batch: Batch) -> None:
+        connection = self._open_connection()
         try:
-            with self.connection.transaction():
-                with self.connection.cursor() as cursor:
+            with connection.transaction():
+                with connection.cursor() as cursor:
                     self._apply(cursor, batch)
         except DATA_ERRORS:
             raise
@@ -511,6 +515,12 @@ class Store:
             "in the database URL; grant it SELECT, INSERT, UPDATE and DELETE on the indexer's tables (or "
             "connect as the role that ran `indexer db upgrade`, to a server that is not read-only), then restart."
         )
+
+    def _open_connection(self) -> psycopg.Connection:
+        """Return the connection that ``connect`` opened. A dropped one counts as a database that is down."""
+        if self.connection is None:
+            raise DatabaseUnavailable(f"the database connection for {self.endpoint} was dropped")
+        return self.connection
 
     def _drop_connection(self) -> None:
         if self.connection is not None:

@@ -215,6 +215,10 @@ def _proof_op(op: RecordOp | Mapping[str, Any], require_prev: bool = True) -> Pr
     ``require_prev`` False accepts an update or delete without ``prev`` (ops before Sync 1.1),
     which is enough for checks that need only the op's cid.
     """
+    action: Any
+    path: Any
+    cid: Any
+    prev: Any
     if isinstance(op, RecordOp):
         action, path, cid, prev = op.action, op.path, op.cid, op.prev
     else:
