@@ -340,6 +340,7 @@ def run(
         from indexer.recheck import recheck_periodically
 
         background.append(lambda: recheck_periodically(database.url, settings.verify, verify_recheck_interval))
+    report_build()
     tune_gc()
     try:
         asyncio.run(run_observed(run_streams(indexers, background), indexers, metrics_address=metrics_address,
@@ -598,6 +599,7 @@ def backfill(
                                             verify=verify_settings(verify, plc_url, verify_workers, verify_key_wait,
                                                                    allow_local_http))
         database = prepare_database(database_url, migrate=not no_migrate)
+        report_build()
         tune_gc()
         raise typer.Exit(backfills.replay_command(database.url, settings))
 
@@ -612,9 +614,21 @@ def backfill(
                                max_attempts=max_attempts, plc_url=plc_url, allow_local_http=allow_local_http,
                                refetch=refetch, batch_size=batch_size, work_dir=work_dir)
     database = prepare_database(database_url, migrate=not no_migrate)
+    report_build()
     tune_gc()
     raise typer.Exit(backfills.repos_command(database.url, settings, dids=dids,
                                              list_relay=relay if all_repos else None, desynchronized=desynchronized))
+
+
+def report_build() -> None:
+    """Log whether the hot modules run compiled, and warn when a compiled copy is out of date."""
+    from indexer import native
+
+    stale = native.stale_modules()
+    if stale:
+        log.warning(native.stale_message(stale))
+    else:
+        log.info(f"decoding and proof modules: {native.summary()}")
 
 
 def tune_gc() -> None:

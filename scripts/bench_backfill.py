@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import synthetic_stream  # noqa: E402
 from bench_ingest import ScratchDatabases, peak_rss, server_version  # noqa: E402
 
-from indexer import car, db, mst, records  # noqa: E402
+from indexer import car, db, mst, native, records  # noqa: E402
 from indexer.store import Batch, Store  # noqa: E402
 
 # Repo exports (com.atproto.sync.getRepo) among the fixtures; slices and empty repos are left out.
@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         written, elapsed = index_replicas(databases.create("backfill"), repos, args.records, args.batch_size)
         print(f"machine: {os.cpu_count()} cores ({platform.machine()}), Python {platform.python_version()}, "
-              f"PostgreSQL {server_version(server_url)} ({where}), load average {os.getloadavg()[0]:.1f}")
+              f"PostgreSQL {server_version(server_url)} ({where}), load average {os.getloadavg()[0]:.1f}, "
+              f"indexer {native.summary()}")
         print(f"repos: {len(repos)} real repo CARs, {sum(repo.records for repo in repos)} records, replicated")
         print(f"{'backfill (CAR -> MST walk -> rows -> Store)':<48} {written / elapsed:>10,.0f} records/s  "
               f"{written:,} records in {elapsed:.1f} s, batch {args.batch_size}, "

@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import synthetic_stream  # noqa: E402
 
-from indexer import db, frames  # noqa: E402
+from indexer import db, frames, native  # noqa: E402
 from indexer.ingest import DEFAULT_BATCH_SIZE  # noqa: E402
 from indexer.store import Batch  # noqa: E402
 from indexer.verifier import default_workers  # noqa: E402
@@ -114,7 +114,8 @@ def server_version(url: str) -> str:
 def machine_line(url: str, embedded_server: bool) -> str:
     where = "embedded, unix socket" if embedded_server else "DATABASE_URL"
     return (f"machine: {os.cpu_count()} cores ({platform.machine()}), Python {platform.python_version()}, "
-            f"PostgreSQL {server_version(url)} ({where}), load average {os.getloadavg()[0]:.1f}")
+            f"PostgreSQL {server_version(url)} ({where}), load average {os.getloadavg()[0]:.1f}, "
+            f"indexer {native.summary()}")
 
 
 # --- 1 and 2: decoding -----------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import libipld
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from indexer import car  # noqa: E402
+from indexer import car, native  # noqa: E402
 from indexer.crypto import signing_key  # noqa: E402
 from indexer.verify import verify_commit_blocks, verify_commit_proof  # noqa: E402
 
@@ -88,7 +88,7 @@ def main() -> None:
 
     proof = time_per_commit(verify_commit_proof, proof_cases, arguments.rounds)
     whole = time_per_commit(verify_commit_blocks, commit_cases, max(1, arguments.rounds // 4))
-    print(f"commits: {len(proof_cases)}, rounds: {arguments.rounds}")
+    print(f"commits: {len(proof_cases)}, rounds: {arguments.rounds}, indexer {native.summary()}")
     print(f"verify_commit_proof:  {proof:7.1f} µs per commit")
     print(f"verify_commit_blocks: {whole:7.1f} µs per commit")
 

@@ -25,6 +25,16 @@ os.environ.setdefault("RUST_LIB_BACKTRACE", "0")
 os.environ.setdefault("INDEXER_PLC_URL", "http://127.0.0.1:9")
 
 TEMPLATE = f"indexer_template_{uuid.uuid4().hex[:8]}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # An edited module whose compiled copy was built earlier would leave the tests running the old
+    # code, and passing or failing for the wrong reason.
+    from indexer import native
+
+    stale = native.stale_modules()
+    if stale:
+        pytest.exit(f"cannot test: {native.stale_message(stale)}", returncode=4)
 _counter = itertools.count()
 
 
