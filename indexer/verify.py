@@ -97,6 +97,7 @@ def verify_label(label: Mapping[str, Any] | Label, key: PublicKey | str | None) 
     or ``ver`` were present upstream, so both encodings of ``neg`` are tried before reporting
     SIGNATURE_MISMATCH.
     """
+    signature: object  # any value from a decoded map; checked below
     if isinstance(label, Label):
         fields = _label_fields(label)
         signature = label.sig
@@ -140,9 +141,9 @@ class ProofOp:
 
 def verify_commit_proof(
     blocks: Mapping[bytes, bytes],
-    data: bytes | str,
+    data: object,
     ops: Iterable[RecordOp | Mapping[str, Any]],
-    prev_data: bytes | str | None,
+    prev_data: object,
 ) -> Verification:
     """Check that inverting ``ops`` on the MST rooted at ``data`` gives ``prev_data`` (Sync 1.1).
 
@@ -250,8 +251,12 @@ def _first_duplicate_key(ops: list[ProofOp]) -> str | None:
     return None
 
 
-def _cid_bytes(value: bytes | str | None, name: str) -> bytes:
-    """Return a CID as binary bytes from binary or base32 (``b...``) text; raises ValueError."""
+def _cid_bytes(value: object, name: str) -> bytes:
+    """Return a CID as binary bytes from binary or base32 (``b...``) text; raises ValueError for anything else.
+
+    ``value`` is typed ``object``: op maps come straight from decoded frames, and compiled code
+    would raise TypeError on a wrongly typed value before this function could name it.
+    """
     if isinstance(value, bytes):
         return value
     if isinstance(value, str) and value.startswith("b"):
@@ -319,12 +324,12 @@ class CommitVerification:
 
 def verify_commit_blocks(
     blocks: Mapping[bytes, bytes],
-    commit_cid: bytes | str,
+    commit_cid: object,
     key: PublicKey | str | None,
     expected_did: str,
     expected_rev: str | None,
     ops: Iterable[RecordOp | Mapping[str, Any]],
-    prev_data: bytes | str | None,
+    prev_data: object,
 ) -> CommitVerification:
     """Verify a ``#commit`` from its CAR blocks: find the commit block, check signature and proof.
 

@@ -260,6 +260,33 @@ def test_duplicate_op_path_is_invalid():
     assert result.reason is VerifyFailure.INVALID_OP
 
 
+# Compiled verify code once raised TypeError here: a wrongly typed value from a decoded map must
+# fail the check with a reason, as it does interpreted.
+def test_op_map_with_integer_cid_is_invalid():
+    body = first_commit_with("create")
+    blocks = car_blocks(body["blocks"])[1]
+    commit = libipld.decode_dag_cbor(blocks[body["commit"]])
+    ops = [dict(body["ops"][0], cid=5)] + body["ops"][1:]
+    result = verify_commit_proof(blocks, commit["data"], ops, body["prevData"])
+    assert result.reason is VerifyFailure.INVALID_OP
+
+
+def test_integer_prev_data_is_invalid():
+    body = first_commit_with("create")
+    blocks = car_blocks(body["blocks"])[1]
+    commit = libipld.decode_dag_cbor(blocks[body["commit"]])
+    result = verify_commit_proof(blocks, commit["data"], body["ops"], 7)
+    assert result.reason is VerifyFailure.INVALID_OP
+
+
+def test_record_blocks_with_integer_op_cid_are_invalid():
+    body = first_commit_with("create")
+    blocks = car_blocks(body["blocks"])[1]
+    ops = [dict(body["ops"][0], cid=5)]
+    result = verify_record_blocks(blocks, ops)
+    assert result.reason is VerifyFailure.INVALID_OP
+
+
 def test_removed_mst_block_is_reported():
     body = first_commit_with("create")
     blocks = car_blocks(body["blocks"])[1]
@@ -434,3 +461,9 @@ def test_unsigned_label_is_reported():
 def test_label_key_parses_as_did_key():
     for entry in signed_labels():
         assert parse_did_key(entry["signingKey"]).algorithm == "ES256K"
+
+
+def test_label_map_with_integer_sig_is_bad_encoding():
+    label = dict(signed_labels()[0]["label"], sig=12)
+    result = verify_label(label, signed_labels()[0]["signingKey"])
+    assert result.reason is VerifyFailure.BAD_SIGNATURE_ENCODING
