@@ -22,6 +22,8 @@ from typing import Any
 
 from sqlalchemy import Table
 
+from indexer.errors import DecodeError
+from indexer.events import DropReason
 from indexer.jsonform import to_json
 from indexer.schema import RECORD_TABLES, records
 
@@ -149,7 +151,7 @@ def row_for_record(
     block: bytes | None = None,
     now: datetime | None = None,
 ) -> RecordRow:
-    """Build the row for one record version; never raises for the record's shape.
+    """Build the row for one record version; raises only for a record nested too deeply to convert.
 
     ``record`` is the libipld-decoded record, and ``block`` its DAG-CBOR bytes when known (they
     let ``to_json`` tell CID links from byte strings exactly). ``seq`` is None for records from a
@@ -160,8 +162,16 @@ def row_for_record(
     is ``parse_datetime`` of it, with ``now`` (default: the current time) as the reference for the
     future bound. So a record indexed again later can gain a created_at that was too far ahead the
     first time. The rev is not used as the reference, because a PDS may start revs at any value.
+
+    Raises ``DecodeError(INVALID_RECORD)`` when converting to the JSON form exceeds Python's
+    recursion limit. libipld decodes up to about that many nesting levels, and the interpreted
+    conversion uses several frames per level, so only plain-Python installs reach it, for records
+    nested a few hundred levels deep. Compiled code does not count frames.
     """
-    converted = to_json(record, block=block)
+    try:
+        converted = to_json(record, block=block)
+    except RecursionError:
+        raise DecodeError(DropReason.INVALID_RECORD, "record is nested too deeply to convert to JSON") from None
     document = converted.value
     fields = document if isinstance(document, dict) else {}
 

@@ -34,7 +34,7 @@ from sqlalchemy import Table
 from sqlalchemy.dialects import postgresql
 
 from indexer import records, schema
-from indexer.errors import DatabaseUnavailable, IndexerError
+from indexer.errors import DatabaseUnavailable, DecodeError, IndexerError
 from indexer.events import Account, Commit, DropReason, Identity, Invalid, Labels, OpError, RecordOp, Sync
 from indexer.labels import encode_labels_frame
 
@@ -252,8 +252,13 @@ class Batch:
         # The raw block tells CID links from byte strings exactly in the JSON form, and judging
         # createdAt against the commit's time (not the clock) gives the same row on every replay.
         collection, rkey = op.collection, op.rkey
-        row = records.row_for_record(collection, commit.did, rkey, cid, commit.rev, commit.seq, op.record,
-                                     block=op.record_bytes, now=time)
+        try:
+            row = records.row_for_record(collection, commit.did, rkey, cid, commit.rev, commit.seq, op.record,
+                                         block=op.record_bytes, now=time)
+        except DecodeError as error:
+            self._add_op_error(commit, op.path, OpError(DropReason(error.reason), f"record {cid} of {op.path}: {error}"),
+                               op.record_bytes)
+            return
         if row.nul_stripped:
             self.nul_stripped += 1
         by_key = self.records.setdefault(row.table.name, {})

@@ -12,16 +12,19 @@ import libipld
 import psycopg
 import pytest
 from fixture_data import JETSTREAM_CORPUS, PROTORUNE_FRAMES, fixture_path, read_length_prefixed
+from frame_builder import commit_frame
 from psycopg.types.json import Jsonb
 from sqlalchemy.dialects.postgresql import JSONB
 
 from indexer import schema
+from indexer.frames import decode_repo_frame
 from indexer.records import (
     RecordRow,
     parse_datetime,
     record_columns,
     row_for_record,
 )
+from indexer.store import Batch
 
 # The corpus commit times are 2026-07-04 around 14:38 UTC.
 CORPUS_NOW = datetime(2026, 7, 4, 14, 38, 8, tzinfo=UTC)
@@ -797,3 +800,24 @@ def test_rows_copy_into_postgresql(database_url: str) -> None:
     assert post_row_back[1] == "at://did:plc:4llrhdclvdlmmynkwsmg5tdc/app.bsky.feed.post/3msqlva64k42v"
     assert post_row_back[2] == ["nudity", "graphic-media"]
     assert post_row_back[3] == "app.bsky.embed.recordWithMedia"
+
+
+def _nested_record(depth: int) -> dict:
+    value: object = [b"\x01", "text"]
+    for _ in range(depth):
+        value = [value]
+    return {"$type": "app.bsky.feed.post", "text": "deep", "createdAt": "2024-01-01T00:00:00Z", "deep": value}
+
+
+# The interpreted JSON conversion once raised RecursionError out of Batch.add for a record that
+# libipld decodes (a few hundred levels of nesting), which would have stopped the stream.
+def test_deeply_nested_record_is_stored_or_dead_lettered() -> None:
+    frame = commit_frame(1, "did:plc:deep", "3kaaaaaaaaaaa", [("create", "app.bsky.feed.post/3kaaaaaaaaaab",
+                                                                _nested_record(990))])
+    batch = Batch(endpoint="test")
+
+    batch.add(decode_repo_frame(frame))
+
+    rows = len(batch.records.get("posts", {}))
+    dead_letters = [row["reason"] for row in batch.dead_letters]
+    assert (rows, dead_letters) in [(1, []), (0, ["invalid_record"])]
