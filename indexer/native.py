@@ -1,10 +1,11 @@
-"""Which modules run compiled (mypyc C extensions), and whether each still matches its source.
+"""The compiled modules (mypyc C extensions): which ones run, and whether each still matches its source.
 
-``setup.py`` compiles ``COMPILED_MODULES`` (unless ``INDEXER_PURE_PYTHON`` is set or no C compiler
-is found) and records the SHA-256 of each source it compiled in ``MANIFEST_NAME`` beside them.
-Python imports a compiled copy in preference to the ``.py`` file next to it. After an edit, an editable install therefore keeps running the old
-code until ``pip install -e .`` runs again. ``stale_modules`` finds such copies: `indexer run` warns
-about them, and the test suite refuses to start with them.
+``setup.py`` compiles ``COMPILED_MODULES`` (unless ``INDEXER_PURE_PYTHON`` is set, no C compiler is
+found or compiling fails) and records what it built in ``MANIFEST_NAME``: whether it compiled, why
+not, and the SHA-256 of each compiled source and of the project modules they import. Python imports
+a compiled copy in preference to the ``.py`` file next to it. After an edit, an editable install
+therefore keeps running the old code until ``pip install -e .`` runs again. ``stale_modules`` finds
+such copies: `indexer run` warns about them, and the test suite refuses to start with them.
 
 This module imports only the standard library, because ``setup.py`` reads it before anything else
 is installed.
@@ -35,12 +36,31 @@ COMPILED_MODULES = (
 MANIFEST_NAME = "compiled_sources.json"
 
 
+PURE_PYTHON_REQUESTED = "INDEXER_PURE_PYTHON is set"
+
+
+@dataclass(frozen=True)
+class Build:
+    """What the last install built, as ``setup.py`` recorded it.
+
+    ``reason`` is why nothing was compiled (empty when the build compiled). ``sources`` maps each
+    compiled module, and each project module it imports, to the SHA-256 of the source it was
+    built from.
+    """
+
+    compiled: bool
+    reason: str
+    compiled_modules: tuple[str, ...]
+    sources: dict[str, str]
+
+
 @dataclass(frozen=True)
 class ModuleBuild:
-    """How one module of ``COMPILED_MODULES`` was loaded.
+    """The way one module was loaded (compiled or from its source), and whether that is still current.
 
-    ``current`` is False when the module runs compiled but its source changed after the build, or
-    when the build recorded no digest for it. A module that runs from its source is always current.
+    ``current`` is False for a compiled module when its source, or a project module it imports,
+    differs from what the build recorded (or the build recorded nothing for it). A module that
+    runs from its source is always current.
     """
 
     module: str
@@ -48,31 +68,50 @@ class ModuleBuild:
     current: bool
 
 
+def read_build() -> Build:
+    """Return what ``setup.py`` recorded; a missing or unreadable record reads as nothing compiled."""
+    try:
+        loaded = json.loads(Path(__file__).with_name(MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        loaded = None
+    if not isinstance(loaded, dict) or not isinstance(loaded.get("sources"), dict):
+        return Build(False, "no build record (indexer/compiled_sources.json)", (), {})
+    return Build(loaded.get("compiled") is True, str(loaded.get("reason", "")),
+                 tuple(str(name) for name in loaded.get("compiled_modules", ())), loaded["sources"])
+
+
 def module_builds() -> list[ModuleBuild]:
-    """Import every module of ``COMPILED_MODULES`` and report how each was loaded."""
-    manifest = _manifest()
-    return [_module_build(name, manifest) for name in COMPILED_MODULES]
+    """Import every module that is or was meant to be compiled, and report how each was loaded.
+
+    Modules compiled by an earlier build whose list differed are included, because their compiled
+    copies may still sit beside the sources.
+    """
+    build = read_build()
+    names = list(dict.fromkeys([*COMPILED_MODULES, *build.compiled_modules, *_extension_modules()]))
+    changed = _changed_imports(build)
+    return [_module_build(name, build, changed) for name in names]
 
 
 def stale_modules() -> list[str]:
-    """Return the modules whose compiled copy was built from another version of their source."""
-    return [build.module for build in module_builds() if not build.current]
+    """Return the compiled modules that were built from other sources than the ones beside them."""
+    return [module.module for module in module_builds() if not module.current]
 
 
 def summary() -> str:
     """Return one line for logs and benchmark output, such as ``compiled (6 of 6 modules)``."""
     builds = module_builds()
-    compiled = sum(build.compiled for build in builds)
+    compiled = sum(module.compiled for module in builds)
     if compiled == 0:
-        return "pure Python (no compiled modules)"
-    return f"compiled ({compiled} of {len(builds)} modules)"
+        return f"pure Python ({read_build().reason or 'no compiled modules'})"
+    return f"compiled ({compiled} of {len(COMPILED_MODULES)} modules)"
 
 
 def stale_message(stale: list[str]) -> str:
     """Say which compiled copies are out of date and how to rebuild them."""
     return (
         f"the compiled copies of {', '.join(stale)} were built from other sources than the ones "
-        "beside them, and Python runs the compiled copies. Run `pip install -e .` again to rebuild "
+        "beside them (or a module they import changed), and Python runs the compiled copies. Run "
+        "`pip install -e .` again with the project's pip (`.venv/bin/pip` in the README) to rebuild "
         "them, or `INDEXER_PURE_PYTHON=1 pip install -e .` to remove them and run the sources."
     )
 
@@ -88,22 +127,42 @@ def compiler_found() -> bool:
     return bool(command) and shutil.which(command[0]) is not None
 
 
-def _module_build(name: str, manifest: dict[str, str]) -> ModuleBuild:
-    module = importlib.import_module(name)
-    location = Path(module.__file__ or "")
-    if not location.name.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):
-        return ModuleBuild(name, compiled=False, current=True)
-    source = location.with_name(name.rsplit(".", 1)[-1] + ".py")
-    if not source.exists():
-        return ModuleBuild(name, compiled=True, current=True)  # installed without sources: nothing to compare
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()
-    return ModuleBuild(name, compiled=True, current=manifest.get(name) == digest)
+def _extension_modules() -> list[str]:
+    """Return the modules of this package that have a compiled copy beside their source."""
+    package = Path(__file__).parent
+    found: list[str] = []
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        for path in package.glob(f"*{suffix}"):
+            stem = path.name[: -len(suffix)]
+            if "." not in stem:  # "frames.cpython-311-x86_64-linux-gnu.so" also ends with ".so"
+                found.append(f"indexer.{stem}")
+    return sorted(set(found))
 
 
-def _manifest() -> dict[str, str]:
-    path = Path(__file__).with_name(MANIFEST_NAME)
+def _source_digest(name: str) -> str | None:
+    path = Path(__file__).parent / (name.rsplit(".", 1)[-1] + ".py")
     try:
-        loaded = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return loaded if isinstance(loaded, dict) else {}
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None  # installed without sources: nothing to compare
+
+
+def _changed_imports(build: Build) -> bool:
+    """Return True when a recorded project module that is not itself compiled has another source now."""
+    for name, digest in build.sources.items():
+        if name in build.compiled_modules:
+            continue
+        current = _source_digest(name)
+        if current is not None and current != digest:
+            return True
+    return False
+
+
+def _module_build(name: str, build: Build, changed_imports: bool) -> ModuleBuild:
+    module = importlib.import_module(name)
+    if not Path(module.__file__ or "").name.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):
+        return ModuleBuild(name, compiled=False, current=True)
+    digest = _source_digest(name)
+    if digest is None:
+        return ModuleBuild(name, compiled=True, current=True)
+    return ModuleBuild(name, compiled=True, current=build.sources.get(name) == digest and not changed_imports)
