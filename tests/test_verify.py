@@ -262,20 +262,23 @@ def test_duplicate_op_path_is_invalid():
 
 # Compiled verify code once raised TypeError here: a wrongly typed value from a decoded map must
 # fail the check with a reason, as it does interpreted.
-def test_op_map_with_integer_cid_is_invalid():
-    body = first_commit_with("create")
+def proof_parts(action: str) -> tuple[dict[str, Any], dict[bytes, bytes], bytes]:
+    """Return the first recorded commit with an op of ``action``, its blocks and its MST root."""
+    body = first_commit_with(action)
     blocks = car_blocks(body["blocks"])[1]
-    commit = libipld.decode_dag_cbor(blocks[body["commit"]])
+    return body, blocks, libipld.decode_dag_cbor(blocks[body["commit"]])["data"]
+
+
+def test_op_map_with_integer_cid_is_invalid():
+    body, blocks, data = proof_parts("create")
     ops = [dict(body["ops"][0], cid=5)] + body["ops"][1:]
-    result = verify_commit_proof(blocks, commit["data"], ops, body["prevData"])
+    result = verify_commit_proof(blocks, data, ops, body["prevData"])
     assert result.reason is VerifyFailure.INVALID_OP
 
 
 def test_integer_prev_data_is_invalid():
-    body = first_commit_with("create")
-    blocks = car_blocks(body["blocks"])[1]
-    commit = libipld.decode_dag_cbor(blocks[body["commit"]])
-    result = verify_commit_proof(blocks, commit["data"], body["ops"], 7)
+    body, blocks, data = proof_parts("create")
+    result = verify_commit_proof(blocks, data, body["ops"], 7)
     assert result.reason is VerifyFailure.INVALID_OP
 
 
