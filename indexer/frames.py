@@ -74,6 +74,23 @@ def decode_header(frame: bytes) -> Header:
     return _read_header(frame)[0]
 
 
+def message_position(frame: bytes) -> tuple[str | None, int | None, str | None]:
+    """Return the ``t``, ``seq`` and ``repo`` (did) of a frame without decoding it into an event.
+
+    For a frame that is dead-lettered whole (one above the message size limit), so that the
+    cursor can move past it. Each is None when it cannot be read; never raises.
+    """
+    try:
+        header, body_offset = _read_header(frame)
+    except DecodeError:
+        return None, None, None
+    body = _readable_body(frame, body_offset)
+    if body is None:
+        return header.t, None, None
+    did = body.get("repo", body.get("did"))
+    return header.t, _valid_seq(body.get("seq")), did if type(did) is str else None
+
+
 def _message_start(frame: bytes) -> tuple[str, int] | Invalid | ErrorFrame | Skipped:
     """Return a message frame's type and body offset, or the event of a frame that is not a message.
 

@@ -488,11 +488,34 @@ class StreamIndexer:
             log.info("info message from server", extra={"stream": self.endpoint, "error": f"{event.name}: {event.message}"})
 
     def _handle_oversized(self, item: OversizedMessage) -> None:
-        # NOTE: the message's seq is unknown, so the cursor cannot move past it. A server that resends
-        # it on every reconnect is retried with backoff; raise --max-message-size to get past it.
+        """Dead-letter a message above the size limit; with its seq when the client read it whole.
+
+        aiohttp drops such a message unread, so its seq is unknown and the cursor stays. When the
+        connection had a cursor, the server sends the message again from it, and the client reads it
+        whole once (``OversizedMessage.frame``): its row carries the seq, and the cursor moves past
+        it. Otherwise (from the live tip, or a size unknown or above ``OVERSIZED_READ_MAX``) the
+        row is written at once, without seq.
+        """
+        if item.frame is not None:
+            self._handle_oversized_frame(item, item.frame)
+            return
+        if item.read_whole_next():
+            return  # the client logged the disconnect; the row is written once the message is read
         self.counters.dead_letters[DropReason.OVERSIZED_FRAME] += 1
         error = (f"message of {item.size} bytes exceeds the limit of {item.limit} bytes "
                  f"(message {item.position + 1} after cursor {item.cursor})")
         self.warnings.warn(DropReason.OVERSIZED_FRAME, "message dead-lettered", stream=self.endpoint,
                            cursor=item.cursor, error=error)
         self._add(Invalid(DropReason.OVERSIZED_FRAME, error, raw=b""))
+
+    def _handle_oversized_frame(self, item: OversizedMessage, frame: bytes) -> None:
+        t, seq, did = frames.message_position(frame)
+        if seq is not None and self._seen(seq):
+            self.counters.replayed += 1
+            return
+        self.counters.dead_letters[DropReason.OVERSIZED_FRAME] += 1
+        # The frame itself is not kept: the limit exists to keep such messages out of memory and tables.
+        error = f"message of {item.size} bytes exceeds the limit of {item.limit} bytes (type {t}, seq {seq})"
+        self.warnings.warn(DropReason.OVERSIZED_FRAME, "message dead-lettered", stream=self.endpoint, seq=seq,
+                           did=did, error=error)
+        self._add(Invalid(DropReason.OVERSIZED_FRAME, error, raw=b"", t=t, seq=seq, did=did))

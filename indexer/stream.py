@@ -33,6 +33,9 @@ logger = logging.getLogger("indexer.stream")
 # The atproto event stream spec caps a frame at 5 MB. The default leaves headroom above that, so a
 # slightly oversized frame still arrives whole and the decoder can dead-letter it with its seq.
 DEFAULT_MAX_MESSAGE_SIZE = 8 * 1024 * 1024
+# A message above the limit that the server sends again from the same cursor is read once whole,
+# up to this size, so that it can be dead-lettered with its seq and the cursor can move past it.
+OVERSIZED_READ_MAX = 256 * 1024 * 1024
 
 URL_EXAMPLE = "wss://bsky.network or wss://bsky.network/xrpc/com.atproto.sync.subscribeRepos"
 
@@ -174,6 +177,10 @@ class OversizedMessage:
     ``position`` counts the binary messages that connection delivered before this one.
     ``repeats`` is 1, or more when the previous oversized message had the same cursor and position,
     which means the server sent the same message again after a reconnect.
+
+    ``frame`` is None, except on the connection after such a message: it reconnects from the same
+    cursor with the limit raised to the message's size (at most ``OVERSIZED_READ_MAX``), and yields
+    the message read whole in ``frame``, so that the consumer can read its seq and move past it.
     """
 
     size: int | None
@@ -181,6 +188,16 @@ class OversizedMessage:
     cursor: int | None
     position: int
     repeats: int = 1
+    frame: bytes | None = field(default=None, repr=False)
+
+    def read_whole_next(self) -> bool:
+        """Return True when a connection from the same cursor will read this message whole.
+
+        That needs a cursor (from the live tip the server need not send it again) and a known size
+        below ``OVERSIZED_READ_MAX``.
+        """
+        return (self.frame is None and self.cursor is not None and self.size is not None
+                and self.limit < self.size < OVERSIZED_READ_MAX)
 
 
 CursorSource = Callable[[], "int | None | Awaitable[int | None]"]
@@ -287,7 +304,7 @@ class StreamClient:
             first_attempt = False
 
             cursor = await self._read_cursor()
-            ws = await self._connect(cursor)
+            ws = await self._connect(cursor, self._read_limit(cursor))
             if ws is None:
                 if not await self._wait_before_retry(cursor):
                     return
@@ -333,6 +350,9 @@ class StreamClient:
             if message.type is aiohttp.WSMsgType.BINARY:
                 self.counters.binary_messages += 1
                 position += 1
+                if len(message.data) > self.max_message_size:  # only on a connection read past the limit
+                    yield self._read_past_limit(message.data, cursor, position - 1)
+                    continue
                 yield message.data
             elif message.type is aiohttp.WSMsgType.TEXT:
                 self.counters.text_messages += 1
@@ -375,7 +395,21 @@ class StreamClient:
         )
         return marker
 
-    async def _connect(self, cursor: int | None) -> aiohttp.ClientWebSocketResponse | None:
+    def _read_limit(self, cursor: int | None) -> int:
+        """Return the message size limit of the next connection (see ``OversizedMessage.frame``)."""
+        last = self._last_oversized
+        if last is None or last.size is None or last.cursor != cursor or not last.read_whole_next():
+            return self.max_message_size
+        return last.size + 1  # aiohttp 3.14 also rejects a message of exactly the limit
+
+    def _read_past_limit(self, frame: bytes, cursor: int | None, position: int) -> OversizedMessage:
+        self._last_oversized = None
+        self._log(logging.WARNING, "message above max message size read whole, to move past it", cursor,
+                  error=f"message of {len(frame)} bytes exceeds limit {self.max_message_size} (position {position})")
+        return OversizedMessage(size=len(frame), limit=self.max_message_size, cursor=cursor, position=position,
+                                frame=frame)
+
+    async def _connect(self, cursor: int | None, limit: int) -> aiohttp.ClientWebSocketResponse | None:
         """Open one websocket, or log the failure and return None when a retry may fix it.
 
         Raises StreamError for a 4xx handshake response other than 408, 425 and 429.
@@ -387,7 +421,7 @@ class StreamClient:
                 ws = await session.ws_connect(
                     self.url,
                     params=params,
-                    max_msg_size=self.max_message_size,
+                    max_msg_size=limit,
                     timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=self.close_timeout),
                     autoping=True,
                 )

@@ -22,7 +22,7 @@ from indexer import frames
 from indexer.ingest import REPOS_METHOD, Filters, StreamIndexer
 from indexer.replay import ReplayRelay
 from indexer.store import Store
-from indexer.stream import Backoff, StreamClient, endpoint_url
+from indexer.stream import DEFAULT_MAX_MESSAGE_SIZE, Backoff, StreamClient, endpoint_url
 
 RECEIVE_TIMEOUT = 0.5  # seconds of silence before the client reconnects
 WAIT_TIMEOUT = 20.0  # seconds a run may take before the harness gives up
@@ -40,6 +40,7 @@ def build_indexer(
     stop_at_seq: int | None = None,
     filters: Filters | None = None,
     decode: Callable[[bytes], Any] = frames.decode_repo_frame,
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
 ) -> StreamIndexer:
     """Create an indexer of the relay's repo stream; nothing connects until ``run()``."""
     endpoint = endpoint_url(relay.base_url, REPOS_METHOD)
@@ -49,7 +50,7 @@ def build_indexer(
         # Seeded, so reconnect delays are the same on every run.
         backoff = Backoff(base=0.01, cap=0.05, rng=random.Random(0))
         return StreamClient(endpoint, REPOS_METHOD, cursor_source, receive_timeout=receive_timeout,
-                            backoff=backoff, healthy_after=0.1)
+                            backoff=backoff, healthy_after=0.1, max_message_size=max_message_size)
 
     return StreamIndexer(store, client_factory, decode=decode, filters=filters, batch_size=batch_size,
                          batch_interval=batch_interval, stop_at_seq=stop_at_seq,

@@ -37,7 +37,7 @@ from indexer.events import (
     SkipReason,
     Sync,
 )
-from indexer.frames import decode_header, decode_label_frame, decode_repo_frame, split_path
+from indexer.frames import decode_header, decode_label_frame, decode_repo_frame, message_position, split_path
 from indexer.jsonform import to_json
 
 DID = "did:plc:testauthor"
@@ -577,3 +577,13 @@ def test_truncated_header_error_states_frame_size():
     frame = b"\xa2\x61t\x78\x20" + b"x" * 12  # a text string declaring 32 bytes, 12 present
     with pytest.raises(DecodeError, match="frame of 17 bytes ends inside a CBOR item"):
         decode_header(frame)
+
+
+def test_message_position_reads_type_seq_and_did():
+    frame = commit_frame(7, "did:plc:position", "3kaaaaaaaaaaa", [])
+
+    assert message_position(frame) == ("#commit", 7, "did:plc:position")
+
+
+def test_message_position_of_garbage_is_unknown():
+    assert message_position(b"\xff\x00garbage") == (None, None, None)

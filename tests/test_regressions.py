@@ -104,6 +104,20 @@ async def test_undefined_in_record_dead_lettered(database_url):
     assert stored_cursor(database_url) == 2
 
 
+# a message above the size limit that the relay sends again after every reconnect -----------------
+
+
+async def test_resent_oversized_message_gets_its_seq(database_url):
+    big = commit_frame(2, DID, tid(2), [("create", f"{POST}/big", post("x" * 4096))])
+    await index_all(database_url, [post_commit(1), (2, big), post_commit(3)], max_message_size=2048)
+
+    rows = query(database_url, "SELECT seq, did, reason FROM dead_letters")
+    # The first connection starts at the live tip, so its row (without seq) is written at once.
+    assert sorted(rows, key=str) == [(2, DID, "oversized_frame"), (None, None, "oversized_frame")]
+    assert query(database_url, "SELECT seq FROM posts ORDER BY seq") == [(1,), (3,)]
+    assert stored_cursor(database_url) == 3
+
+
 # 3. blocks of one byte ----------------------------------------------------------------------------
 
 

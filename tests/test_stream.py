@@ -372,9 +372,43 @@ async def test_oversized_message_repeats_counted(start_relay):
                 markers.append(item)
                 if len(markers) == 3:
                     break
-    # First from the live start, then twice from cursor 1: the same message at the same place.
-    seen = [(marker.cursor, marker.position, marker.repeats) for marker in markers]
-    assert seen == [(None, 1, 1), (1, 1, 1), (1, 1, 2)]
+    # First from the live start, then from cursor 1: the same message at the same place, unread.
+    # The third connection starts from cursor 1 again and reads it whole.
+    seen = [(marker.cursor, marker.position, marker.frame is not None) for marker in markers]
+    assert seen == [(None, 1, False), (1, 1, False), (1, 1, True)]
+
+
+async def test_oversized_message_sent_again_is_read_whole_once(start_relay):
+    frames = [(1, identity_frame(1)), (2, identity_frame(2, padding=4096)), (3, identity_frame(3))]
+    relay = await start_relay(frames)
+    consumer = Consumer()
+    async with client_for(relay, consumer, max_message_size=1024) as client:
+        async for item in client.frames():
+            consumer.take(item)
+            if isinstance(item, OversizedMessage) and item.frame is not None:
+                consumer.committed = frame_seq(item.frame)  # as the indexer does: dead-lettered with its seq
+            if not isinstance(item, OversizedMessage) and frame_seq(item) == 3:
+                break
+    markers = [item for item in consumer.items if isinstance(item, OversizedMessage)]
+    assert [marker.frame is not None for marker in markers] == [False, False, True]
+    assert frame_seq(markers[-1].frame) == 2
+    assert markers[-1].size == len(markers[-1].frame)
+    assert markers[-1].limit == 1024
+    assert [record.cursor for record in relay.connections] == [None, 1, 1]
+
+
+async def test_limit_restored_after_whole_read(start_relay):
+    frames = [(1, identity_frame(1)), (2, identity_frame(2, padding=4096)), (3, identity_frame(3))]
+    relay = await start_relay(frames)
+    consumer = Consumer()
+    client = client_for(relay, consumer, max_message_size=1024)
+    async with client:
+        async for item in client.frames():
+            consumer.take(item)
+            if isinstance(item, OversizedMessage) and item.frame is not None:
+                break
+
+    assert client._read_limit(1) == 1024
 
 
 async def test_backoff_resets_after_delivering_connection(start_relay):
