@@ -6,16 +6,16 @@ interpreted when nothing is compiled. Compiled, decoding a frame and checking a 
 about 0.6 times the CPU time (docs/performance.md, "Compiled modules").
 
 - ``INDEXER_PURE_PYTHON=1`` installs without compiling.
-- Without a C compiler on PATH, without mypyc, or when compiling fails, the install goes on
-  without compiled modules and prints a warning (pip shows it with ``-v``). ``indexer run`` then
-  logs why at start. All modules are compiled or none: a shim without its shared library would
-  not import.
-- mypyc refuses code that fails its type check: the error names the file and line.
+- Without a C compiler on PATH, when mypyc's type check fails, or when compiling fails, the install
+  goes on without compiled modules. It prints a warning, which pip shows with ``-v``, and
+  ``indexer run`` logs it at start. All modules are compiled or none: a shim without its shared
+  library would not import.
 
-Every build records in ``indexer/compiled_sources.json`` whether it compiled and, if it did, the
-SHA-256 of each compiled source and of the project modules they import. ``indexer.native`` compares
-them with the files beside the compiled copies. An editable build first deletes the compiled copies
-of the previous one (for this Python version), and a wheel build those left under ``build/``.
+Each build writes ``compiled_sources.json`` beside the modules it built: into the source tree for an
+editable install, into the build directory for a wheel. It says whether the build compiled, why
+not, and the SHA-256 of each compiled source and of the project modules they import, for
+``indexer.native`` to compare with the files beside the compiled copies. Before building, the
+extension files of an earlier build in the same place (for this Python version) are deleted.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 EXT_SUFFIX = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-# setup.py also runs for metadata (egg_info, dist_info); only these commands compile.
+# setup.py also runs for metadata (egg_info, dist_info): only these commands generate C code.
 BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install"}
-IN_PLACE_COMMANDS = {"editable_wheel", "develop"}
 
 
 def _load_native():
@@ -55,26 +55,38 @@ def _source(module: str) -> Path:
 
 
 def _project_imports(module: str) -> set[str]:
-    """Return the ``indexer.*`` modules that ``module`` imports, whose types compiled code relies on."""
+    """Return the ``indexer.*`` modules that ``module`` imports directly (absolute or relative)."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(_source(module).read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module == "indexer":
-            found.update(f"indexer.{alias.name}" for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module is not None and node.module.startswith("indexer."):
-            found.add(node.module)
+        if isinstance(node, ast.ImportFrom):
+            base = f"indexer.{node.module}" if node.level and node.module else (node.module or "indexer")
+            if base == "indexer":
+                found.update(f"indexer.{alias.name}" for alias in node.names)
+            elif base.startswith("indexer."):
+                found.add(base)
         elif isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names if alias.name.startswith("indexer."))
     return {name for name in found if _source(name).is_file()}
 
 
-def _write_manifest(compiled: bool, reason: str = "") -> None:
-    sources = {}
-    if compiled:
-        modules = set(native.COMPILED_MODULES).union(*(_project_imports(name) for name in native.COMPILED_MODULES))
-        sources = {name: hashlib.sha256(_source(name).read_bytes()).hexdigest() for name in sorted(modules)}
-    record = {"compiled": compiled, "reason": reason, "compiled_modules": list(native.COMPILED_MODULES) if compiled else [],
-              "sources": sources}
-    ROOT.joinpath("indexer", native.MANIFEST_NAME).write_text(json.dumps(record, indent=1) + "\n")
+def _recorded_sources() -> dict[str, str]:
+    """Return the digest of every compiled module and of every project module they import, transitively."""
+    modules: set[str] = set()
+    pending = list(native.COMPILED_MODULES)
+    while pending:
+        name = pending.pop()
+        if name not in modules:
+            modules.add(name)
+            pending.extend(_project_imports(name))
+    return {name: hashlib.sha256(_source(name).read_bytes()).hexdigest() for name in sorted(modules)}
+
+
+def _write_record(package_dir: Path, compiled: bool, reason: str = "") -> None:
+    record = {"compiled": compiled, "reason": reason,
+              "compiled_modules": list(native.COMPILED_MODULES) if compiled else [],
+              "sources": _recorded_sources() if compiled else {}}
+    package_dir.mkdir(parents=True, exist_ok=True)
+    package_dir.joinpath(native.MANIFEST_NAME).write_text(json.dumps(record, indent=1) + "\n")
 
 
 def _remove_built(directory: Path) -> None:
@@ -91,44 +103,71 @@ class BuildAllOrNothing(build_ext):
     """Build the extensions; when any fails, remove those built and go on without them."""
 
     def run(self) -> None:
+        target = ROOT if self.inplace else Path(self.build_lib)
+        _remove_built(target)
         try:
             super().run()
         except Exception as error:  # compiler, linker and platform errors have no common base
             for output in self.get_outputs():
                 Path(output).unlink(missing_ok=True)
-            self.extensions = []
             # The whole compiler command line is in the error: the record keeps the gist.
-            _write_manifest(False, f"compiling failed ({type(error).__name__}; `pip install -v` shows why)")
+            _write_record(target / "indexer", False, f"compiling failed ({type(error).__name__}; "
+                                                      "`pip install -v` shows why)")
             _warn(f"compiling failed ({error})")
+            return
+        _write_record(target / "indexer", True)
+
+
+class BuildWithRecord(build_py):
+    """Copy the package; when there is nothing to compile, write the record saying why."""
+
+    def run(self) -> None:
+        super().run()
+        if self.distribution.ext_modules:
+            return  # BuildAllOrNothing writes the record after the outcome is known
+        editable = getattr(self, "editable_mode", False)
+        target = ROOT if editable else Path(self.build_lib)
+        _remove_built(target)
+        _write_record(target / "indexer", False, NOT_COMPILED_REASON)
+
+
+NOT_COMPILED_REASON = ""
 
 
 def extension_modules() -> list:
-    commands = set(sys.argv[1:])
-    if not commands & BUILD_COMMANDS:
+    """Return the extensions to build, or [] with ``NOT_COMPILED_REASON`` saying why."""
+    global NOT_COMPILED_REASON
+    if not set(sys.argv[1:]) & BUILD_COMMANDS:
         return []
-    if commands & IN_PLACE_COMMANDS:
-        _remove_built(ROOT)
-    for build_lib in ROOT.joinpath("build").glob("lib*"):
-        _remove_built(build_lib)
     if native.pure_python_requested():
-        _write_manifest(False, native.PURE_PYTHON_REQUESTED)
+        NOT_COMPILED_REASON = native.PURE_PYTHON_REQUESTED
         return []
     if not native.compiler_found():
-        _write_manifest(False, "no C compiler found")
-        _warn("no C compiler found")
-        return []
-    try:
-        from mypyc.build import mypycify
-    except ImportError as error:
-        _write_manifest(False, f"mypyc is not installed: {error}")
-        _warn("mypyc is not installed")
-        return []
-    _write_manifest(True)
+        NOT_COMPILED_REASON = "no C compiler found"
+    else:
+        try:
+            from mypyc.build import mypycify
+        except ImportError as error:
+            NOT_COMPILED_REASON = f"mypyc is not installed ({error})"
+        else:
+            return _mypycify(mypycify)
+    _warn(NOT_COMPILED_REASON)
+    return []
+
+
+def _mypycify(mypycify) -> list:
+    global NOT_COMPILED_REASON
     paths = [str(_source(module).relative_to(ROOT)) for module in native.COMPILED_MODULES]
     # The build environment holds only the build requirements: the dependencies' types count as Any,
     # and the project's other modules are read for their types without being checked.
     options = ["--ignore-missing-imports", "--follow-imports=silent"]
-    return mypycify([*options, *paths], opt_level="3", debug_level="1")
+    try:
+        return mypycify([*options, *paths], opt_level="3", debug_level="1")
+    except SystemExit:
+        # mypyc printed the type errors above, which `pip install -v` shows.
+        NOT_COMPILED_REASON = "mypyc's type check failed (`pip install -v` shows the errors)"
+        _warn(NOT_COMPILED_REASON)
+        return []
 
 
-setup(ext_modules=extension_modules(), cmdclass={"build_ext": BuildAllOrNothing})
+setup(ext_modules=extension_modules(), cmdclass={"build_ext": BuildAllOrNothing, "build_py": BuildWithRecord})

@@ -1,7 +1,7 @@
 """The compiled modules (mypyc C extensions): which ones run, and whether each still matches its source.
 
-``setup.py`` compiles ``COMPILED_MODULES`` (unless ``INDEXER_PURE_PYTHON`` is set, no C compiler is
-found or compiling fails) and records what it built in ``MANIFEST_NAME``: whether it compiled, why
+``setup.py`` compiles ``COMPILED_MODULES`` unless ``INDEXER_PURE_PYTHON`` is set, no C compiler is
+found or compiling fails. It records what it built in ``MANIFEST_NAME``: whether it compiled, why
 not, and the SHA-256 of each compiled source and of the project modules they import. Python imports
 a compiled copy in preference to the ``.py`` file next to it. After an edit, an editable install
 therefore keeps running the old code until ``pip install -e .`` runs again. ``stale_modules`` finds
@@ -41,7 +41,7 @@ PURE_PYTHON_REQUESTED = "INDEXER_PURE_PYTHON is set"
 
 @dataclass(frozen=True)
 class Build:
-    """What the last install built, as ``setup.py`` recorded it.
+    """The record ``setup.py`` wrote of the last build.
 
     ``reason`` is why nothing was compiled (empty when the build compiled). ``sources`` maps each
     compiled module, and each project module it imports, to the SHA-256 of the source it was
@@ -103,16 +103,26 @@ def summary() -> str:
     compiled = sum(module.compiled for module in builds)
     if compiled == 0:
         return f"pure Python ({read_build().reason or 'no compiled modules'})"
-    return f"compiled ({compiled} of {len(COMPILED_MODULES)} modules)"
+    stale = [module.module for module in builds if not module.current]
+    line = f"compiled ({compiled} of {len(builds)} modules)"
+    return f"{line}, out of date: {', '.join(stale)}" if stale else line
+
+
+def changed_sources() -> list[str]:
+    """Return the recorded modules whose source differs from the one the build read."""
+    build = read_build()
+    return [name for name, digest in build.sources.items() if _source_digest(name) not in (None, digest)]
 
 
 def stale_message(stale: list[str]) -> str:
-    """Say which compiled copies are out of date and how to rebuild them."""
+    """Say which compiled copies are out of date, which sources changed, and how to rebuild them."""
+    changed = changed_sources()
+    cause = f" ({', '.join(changed)} changed since the build)" if changed else ""
     return (
-        f"the compiled copies of {', '.join(stale)} were built from other sources than the ones "
-        "beside them (or a module they import changed), and Python runs the compiled copies. Run "
-        "`pip install -e .` again with the project's pip (`.venv/bin/pip` in the README) to rebuild "
-        "them, or `INDEXER_PURE_PYTHON=1 pip install -e .` to remove them and run the sources."
+        f"the compiled copies of {', '.join(stale)} are out of date{cause}, and Python runs them "
+        "rather than the sources. Run `pip install -e .` again with the project's pip "
+        "(`.venv/bin/pip` in the README) to rebuild them, or `INDEXER_PURE_PYTHON=1 pip install -e .` "
+        "to remove them and run the sources."
     )
 
 
