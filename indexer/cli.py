@@ -487,6 +487,7 @@ def dead_letters_retry(
     setup(log_level, log_format)
     _check_reason(reason)
     database = db.open_database(database_url, announce=announce)
+    report_build()  # a retry decodes again, so an out-of-date compiled decoder matters here too
     results = deadletters.retry(database.url, reason=reason, ids=letter_id, limit=limit)
     outcomes = collections.Counter(result.outcome for result in results)
     for result in results:
