@@ -630,7 +630,7 @@ def report_build() -> None:
     if stale:
         log.warning(native.stale_message(stale))
     elif not build.compiled and build.reason != native.PURE_PYTHON_REQUESTED:
-        log.warning(f"decoding and proof modules run as plain Python, about 1.6 times slower: {build.reason}. "
+        log.warning(f"decoding and proof modules run as plain Python (decoding about 1.3 times slower): {build.reason}. "
                     "README, Requirements, says what compiling needs; then run the install again.")
     else:
         log.info(f"decoding and proof modules: {native.summary()}")

@@ -490,16 +490,17 @@ class StreamIndexer:
     def _handle_oversized(self, item: OversizedMessage) -> None:
         """Dead-letter a message above the size limit; with its seq when the client read it whole.
 
-        aiohttp drops such a message unread, so its seq is unknown and the cursor stays. When the
-        connection had a cursor, the server sends the message again from it, and the client reads it
-        whole once (``OversizedMessage.frame``): its row carries the seq, and the cursor moves past
-        it. Otherwise (from the live tip, or a size unknown or above ``OVERSIZED_READ_MAX``) the
-        row is written at once, without seq.
+        aiohttp drops such a message unread, so its seq is unknown and the cursor stays. The next
+        connection accepts it whole (``OversizedMessage.frame``): its row then carries the seq, and
+        the cursor moves past it. The row is written at once, without seq, when the message may not
+        come again (from the live tip with nothing delivered before it), or cannot be read whole
+        (size unknown or above ``OVERSIZED_READ_MAX``). When it does come again after all, it then
+        has two rows.
         """
         if item.frame is not None:
             self._handle_oversized_frame(item, item.frame)
             return
-        if item.read_whole_next():
+        if item.read_whole_next() and item.sent_again():
             return  # the client logged the disconnect; the row is written once the message is read
         self.counters.dead_letters[DropReason.OVERSIZED_FRAME] += 1
         error = (f"message of {item.size} bytes exceeds the limit of {item.limit} bytes "

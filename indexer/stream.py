@@ -191,13 +191,20 @@ class OversizedMessage:
     frame: bytes | None = field(default=None, repr=False)
 
     def read_whole_next(self) -> bool:
-        """Return True when a connection from the same cursor will read this message whole.
+        """Return True when the next connection accepts this message whole, should it come again.
 
-        That needs a cursor (from the live tip the server need not send it again) and a known size
-        below ``OVERSIZED_READ_MAX``.
+        That needs a known size below ``OVERSIZED_READ_MAX``.
         """
-        return (self.frame is None and self.cursor is not None and self.size is not None
-                and self.limit < self.size < OVERSIZED_READ_MAX)
+        return self.frame is None and self.size is not None and self.limit < self.size < OVERSIZED_READ_MAX
+
+    def sent_again(self) -> bool:
+        """Return True when the server will send this message again after the reconnect.
+
+        The reconnect requests the events after the committed cursor. That is the case when this
+        connection had a cursor, or delivered events before this message. From the live tip with
+        nothing delivered, the reconnect starts at the live tip again, where the message may be gone.
+        """
+        return self.cursor is not None or self.position > 0
 
 
 CursorSource = Callable[[], "int | None | Awaitable[int | None]"]
@@ -398,7 +405,8 @@ class StreamClient:
     def _read_limit(self, cursor: int | None) -> int:
         """Return the message size limit of the next connection (see ``OversizedMessage.frame``)."""
         last = self._last_oversized
-        if last is None or last.size is None or last.cursor != cursor or not last.read_whole_next():
+        # Whatever the cursor: it may have moved past the events before the message, which still comes.
+        if last is None or last.size is None or not last.read_whole_next():
             return self.max_message_size
         return last.size + 1  # aiohttp 3.14 also rejects a message of exactly the limit
 
