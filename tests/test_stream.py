@@ -360,18 +360,23 @@ async def test_oversized_message_surfaced_then_resumed(start_relay):
     assert [record.cursor for record in relay.connections] == [None, 3]
 
 
-async def test_oversized_message_read_whole_on_next_connection(start_relay):
-    frames = [(1, identity_frame(1)), (2, identity_frame(2, padding=4096)), (3, identity_frame(3))]
-    relay = await start_relay(frames)
+async def markers_until(relay: ReplayRelay, last_seq: int) -> list[OversizedMessage]:
+    """Receive with a 1 KiB limit until ``last_seq``, committing past each message read whole; return the markers."""
     consumer = Consumer()
     async with client_for(relay, consumer, max_message_size=1024) as client:
         async for item in client.frames():
             consumer.take(item)
             if isinstance(item, OversizedMessage) and item.frame is not None:
                 consumer.committed = frame_seq(item.frame)  # as the indexer does: dead-lettered with its seq
-            if not isinstance(item, OversizedMessage) and frame_seq(item) == 3:
+            if not isinstance(item, OversizedMessage) and frame_seq(item) == last_seq:
                 break
-    markers = [item for item in consumer.items if isinstance(item, OversizedMessage)]
+    return [item for item in consumer.items if isinstance(item, OversizedMessage)]
+
+
+async def test_oversized_message_read_whole_on_next_connection(start_relay):
+    frames = [(1, identity_frame(1)), (2, identity_frame(2, padding=4096)), (3, identity_frame(3))]
+    relay = await start_relay(frames)
+    markers = await markers_until(relay, 3)
     assert [marker.frame is not None for marker in markers] == [False, True]
     assert frame_seq(markers[-1].frame) == 2
     assert markers[-1].size == len(markers[-1].frame)
@@ -384,15 +389,7 @@ async def test_oversized_message_read_whole_on_next_connection(start_relay):
 async def test_oversized_first_message_from_live_tip_read_whole(start_relay):
     frames = [(1, identity_frame(1, padding=4096)), (2, identity_frame(2))]
     relay = await start_relay(frames)
-    consumer = Consumer()
-    async with client_for(relay, consumer, max_message_size=1024) as client:
-        async for item in client.frames():
-            consumer.take(item)
-            if isinstance(item, OversizedMessage) and item.frame is not None:
-                consumer.committed = frame_seq(item.frame)
-            if not isinstance(item, OversizedMessage) and frame_seq(item) == 2:
-                break
-    markers = [item for item in consumer.items if isinstance(item, OversizedMessage)]
+    markers = await markers_until(relay, 2)
     assert [(marker.cursor, marker.frame is not None) for marker in markers] == [(None, False), (None, True)]
     assert markers[0].sent_again() is False
 
