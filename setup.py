@@ -12,7 +12,7 @@ about 0.6 times the CPU time (docs/performance.md, "Compiled modules").
   library would not import.
 
 Each build writes ``compiled_sources.json`` beside the modules it built: into the source tree for an
-editable install, into the build directory for a wheel. It says whether the build compiled, why
+editable install, into the build directory for a wheel. It records whether the build compiled, why
 not, and the SHA-256 of each compiled source and of the project modules they import, for
 ``indexer.native`` to compare with the files beside the compiled copies. Before building, the
 extension files of an earlier build in the same place (for this Python version) are deleted.
@@ -107,10 +107,10 @@ class BuildAllOrNothing(build_ext):
         _remove_built(target)
         try:
             super().run()
-        except Exception as error:  # compiler, linker and platform errors have no common base
+        except Exception as error:  # compiler, linker and platform errors share no base class
             for output in self.get_outputs():
                 Path(output).unlink(missing_ok=True)
-            # The whole compiler command line is in the error: the record keeps the gist.
+            # The error contains the whole compiler command line, so the record keeps only its type.
             _write_record(target / "indexer", False, f"compiling failed ({type(error).__name__}; "
                                                       "`pip install -v` shows why)")
             _warn(f"compiling failed ({error})")
@@ -119,7 +119,7 @@ class BuildAllOrNothing(build_ext):
 
 
 class BuildWithRecord(build_py):
-    """Copy the package; when there is nothing to compile, write the record saying why."""
+    """Copy the package, and when there is nothing to compile, write the record with the reason."""
 
     def run(self) -> None:
         super().run()
@@ -131,43 +131,38 @@ class BuildWithRecord(build_py):
         _write_record(target / "indexer", False, NOT_COMPILED_REASON)
 
 
-NOT_COMPILED_REASON = ""
-
-
-def extension_modules() -> list:
-    """Return the extensions to build, or [] with ``NOT_COMPILED_REASON`` saying why."""
-    global NOT_COMPILED_REASON
+def extension_modules() -> tuple[list, str]:
+    """Return the extensions to build, and the reason when there are none (empty otherwise)."""
     if not set(sys.argv[1:]) & BUILD_COMMANDS:
-        return []
+        return [], "not a build command"
     if native.pure_python_requested():
-        NOT_COMPILED_REASON = native.PURE_PYTHON_REQUESTED
-        return []
+        return [], native.PURE_PYTHON_REQUESTED
     if not native.compiler_found():
-        NOT_COMPILED_REASON = "no C compiler found"
+        reason = "no C compiler found"
     else:
         try:
             from mypyc.build import mypycify
         except ImportError as error:
-            NOT_COMPILED_REASON = f"mypyc is not installed ({error})"
+            reason = f"mypyc is not installed ({error})"
         else:
             return _mypycify(mypycify)
-    _warn(NOT_COMPILED_REASON)
-    return []
+    _warn(reason)
+    return [], reason
 
 
-def _mypycify(mypycify) -> list:
-    global NOT_COMPILED_REASON
+def _mypycify(mypycify) -> tuple[list, str]:
     paths = [str(_source(module).relative_to(ROOT)) for module in native.COMPILED_MODULES]
-    # The build environment holds only the build requirements: the dependencies' types count as Any,
-    # and the project's other modules are read for their types without being checked.
+    # The build environment contains only the build requirements, so the dependencies' types count
+    # as Any, and the project's other modules are read for their types without being checked.
     options = ["--ignore-missing-imports", "--follow-imports=silent"]
     try:
-        return mypycify([*options, *paths], opt_level="3", debug_level="1")
+        return mypycify([*options, *paths], opt_level="3", debug_level="1"), ""
     except SystemExit:
-        # mypyc printed the type errors above, which `pip install -v` shows.
-        NOT_COMPILED_REASON = "mypyc's type check failed (`pip install -v` shows the errors)"
-        _warn(NOT_COMPILED_REASON)
-        return []
+        # mypyc printed the type errors before exiting, and `pip install -v` shows them.
+        reason = "mypyc's type check failed (`pip install -v` shows the errors)"
+        _warn(reason)
+        return [], reason
 
 
-setup(ext_modules=extension_modules(), cmdclass={"build_ext": BuildAllOrNothing, "build_py": BuildWithRecord})
+EXTENSIONS, NOT_COMPILED_REASON = extension_modules()
+setup(ext_modules=EXTENSIONS, cmdclass={"build_ext": BuildAllOrNothing, "build_py": BuildWithRecord})

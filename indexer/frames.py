@@ -77,8 +77,8 @@ def decode_header(frame: bytes) -> Header:
 def message_position(frame: bytes) -> tuple[str | None, int | None, str | None]:
     """Return the ``t``, ``seq`` and ``repo`` (did) of a frame without decoding it into an event.
 
-    For a frame that is dead-lettered whole (one above the message size limit), so that the
-    cursor can move past it. Each is None when it cannot be read; never raises.
+    Used for a frame that is dead-lettered whole (one above the message size limit), so that the
+    cursor can move past it. A part that cannot be read is None: decoding errors are caught here.
     """
     try:
         header, body_offset = _read_header(frame)

@@ -488,7 +488,7 @@ class StreamIndexer:
             log.info("info message from server", extra={"stream": self.endpoint, "error": f"{event.name}: {event.message}"})
 
     def _handle_oversized(self, item: OversizedMessage) -> None:
-        """Dead-letter a message above the size limit; with its seq when the client read it whole.
+        """Dead-letter a message above the size limit, with its seq when the client read it whole.
 
         aiohttp drops such a message unread, so its seq is unknown and the cursor stays. The next
         connection accepts it whole (``OversizedMessage.frame``): its row then carries the seq, and
@@ -501,7 +501,7 @@ class StreamIndexer:
             self._handle_oversized_frame(item, item.frame)
             return
         if item.read_whole_next() and item.sent_again():
-            return  # the client logged the disconnect; the row is written once the message is read
+            return  # the client logged the disconnect, and the row is written once the message is read
         self.counters.dead_letters[DropReason.OVERSIZED_FRAME] += 1
         error = (f"message of {item.size} bytes exceeds the limit of {item.limit} bytes "
                  f"(message {item.position + 1} after cursor {item.cursor})")

@@ -88,8 +88,8 @@ def module_builds() -> list[ModuleBuild]:
     """
     build = read_build()
     names = list(dict.fromkeys([*COMPILED_MODULES, *build.compiled_modules, *_extension_modules()]))
-    changed = _changed_imports(build)
-    return [_module_build(name, build, changed) for name in names]
+    changed_imports = any(name not in build.compiled_modules for name in _changed_sources(build))
+    return [_module_build(name, build, changed_imports) for name in names]
 
 
 def stale_modules() -> list[str]:
@@ -110,12 +110,11 @@ def summary() -> str:
 
 def changed_sources() -> list[str]:
     """Return the recorded modules whose source differs from the one the build read."""
-    build = read_build()
-    return [name for name, digest in build.sources.items() if _source_digest(name) not in (None, digest)]
+    return _changed_sources(read_build())
 
 
 def stale_message(stale: list[str]) -> str:
-    """Say which compiled copies are out of date, which sources changed, and how to rebuild them."""
+    """Return the message naming the out-of-date compiled copies, the changed sources and the rebuild command."""
     changed = changed_sources()
     cause = f" ({', '.join(changed)} changed since the build)" if changed else ""
     return (
@@ -157,15 +156,8 @@ def _source_digest(name: str) -> str | None:
         return None  # installed without sources: nothing to compare
 
 
-def _changed_imports(build: Build) -> bool:
-    """Return True when a recorded project module that is not itself compiled has another source now."""
-    for name, digest in build.sources.items():
-        if name in build.compiled_modules:
-            continue
-        current = _source_digest(name)
-        if current is not None and current != digest:
-            return True
-    return False
+def _changed_sources(build: Build) -> list[str]:
+    return [name for name, digest in build.sources.items() if _source_digest(name) not in (None, digest)]
 
 
 def _module_build(name: str, build: Build, changed_imports: bool) -> ModuleBuild:

@@ -151,7 +151,7 @@ def row_for_record(
     block: bytes | None = None,
     now: datetime | None = None,
 ) -> RecordRow:
-    """Build the row for one record version; raises only for a record nested too deeply to convert.
+    """Build the row for one record version. Raises only for a record nested too deeply to convert.
 
     ``record`` is the libipld-decoded record, and ``block`` its DAG-CBOR bytes when known (they
     let ``to_json`` tell CID links from byte strings exactly). ``seq`` is None for records from a

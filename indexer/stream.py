@@ -33,8 +33,8 @@ logger = logging.getLogger("indexer.stream")
 # The atproto event stream spec caps a frame at 5 MB. The default leaves headroom above that, so a
 # slightly oversized frame still arrives whole and the decoder can dead-letter it with its seq.
 DEFAULT_MAX_MESSAGE_SIZE = 8 * 1024 * 1024
-# A message above the limit that the server sends again from the same cursor is read once whole,
-# up to this size, so that it can be dead-lettered with its seq and the cursor can move past it.
+# A message above the limit that the server sends again after a reconnect is read whole once, up to
+# this size, so that it can be dead-lettered with its seq and the cursor can move past it.
 OVERSIZED_READ_MAX = 256 * 1024 * 1024
 
 URL_EXAMPLE = "wss://bsky.network or wss://bsky.network/xrpc/com.atproto.sync.subscribeRepos"
@@ -178,9 +178,9 @@ class OversizedMessage:
     ``repeats`` is 1, or more when the previous oversized message had the same cursor and position,
     which means the server sent the same message again after a reconnect.
 
-    ``frame`` is None, except on the connection after such a message: it reconnects from the same
-    cursor with the limit raised to the message's size (at most ``OVERSIZED_READ_MAX``), and yields
-    the message read whole in ``frame``, so that the consumer can read its seq and move past it.
+    ``frame`` is None, except on a connection after such a message. That connection raises its
+    limit to the message's size (at most ``OVERSIZED_READ_MAX``) and yields the message read whole
+    in ``frame``, so that the consumer can read its seq and move past it.
     """
 
     size: int | None
@@ -311,7 +311,7 @@ class StreamClient:
             first_attempt = False
 
             cursor = await self._read_cursor()
-            ws = await self._connect(cursor, self._read_limit(cursor))
+            ws = await self._connect(cursor, self._read_limit())
             if ws is None:
                 if not await self._wait_before_retry(cursor):
                     return
@@ -357,7 +357,7 @@ class StreamClient:
             if message.type is aiohttp.WSMsgType.BINARY:
                 self.counters.binary_messages += 1
                 position += 1
-                if len(message.data) > self.max_message_size:  # only on a connection read past the limit
+                if len(message.data) > self.max_message_size:  # only with a raised limit
                     yield self._read_past_limit(message.data, cursor, position - 1)
                     continue
                 yield message.data
@@ -402,10 +402,13 @@ class StreamClient:
         )
         return marker
 
-    def _read_limit(self, cursor: int | None) -> int:
-        """Return the message size limit of the next connection (see ``OversizedMessage.frame``)."""
+    def _read_limit(self) -> int:
+        """Return the message size limit of the next connection (see ``OversizedMessage.frame``).
+
+        The limit stays raised until a message is read whole. The cursor does not matter: it may
+        have moved past the events before the message, which then comes first.
+        """
         last = self._last_oversized
-        # Whatever the cursor: it may have moved past the events before the message, which still comes.
         if last is None or last.size is None or not last.read_whole_next():
             return self.max_message_size
         return last.size + 1  # aiohttp 3.14 also rejects a message of exactly the limit

@@ -97,7 +97,7 @@ def verify_label(label: Mapping[str, Any] | Label, key: PublicKey | str | None) 
     or ``ver`` were present upstream, so both encodings of ``neg`` are tried before reporting
     SIGNATURE_MISMATCH.
     """
-    signature: object  # any value from a decoded map; checked below
+    signature: object  # any value from a decoded map, checked below
     if isinstance(label, Label):
         fields = _label_fields(label)
         signature = label.sig

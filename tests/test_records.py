@@ -811,7 +811,7 @@ def _nested_record(depth: int) -> dict:
 
 # The interpreted JSON conversion once raised RecursionError out of Batch.add for a record that
 # libipld decodes (a few hundred levels of nesting), which would have stopped the stream.
-def test_deeply_nested_record_is_stored_or_dead_lettered() -> None:
+def test_deep_record_stored_or_dead_lettered() -> None:
     frame = commit_frame(1, "did:plc:deep", "3kaaaaaaaaaaa", [("create", "app.bsky.feed.post/3kaaaaaaaaaab",
                                                                 _nested_record(990))])
     batch = Batch(endpoint="test")

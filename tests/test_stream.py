@@ -373,7 +373,7 @@ async def markers_until(relay: ReplayRelay, last_seq: int) -> list[OversizedMess
     return [item for item in consumer.items if isinstance(item, OversizedMessage)]
 
 
-async def test_oversized_message_read_whole_on_next_connection(start_relay):
+async def test_resent_oversized_message_read_whole(start_relay):
     frames = [(1, identity_frame(1)), (2, identity_frame(2, padding=4096)), (3, identity_frame(3))]
     relay = await start_relay(frames)
     markers = await markers_until(relay, 3)
@@ -386,7 +386,7 @@ async def test_oversized_message_read_whole_on_next_connection(start_relay):
 
 # From the live tip with nothing committed, the replay relay sends the same first message again;
 # the stream once retried it forever there.
-async def test_oversized_first_message_from_live_tip_read_whole(start_relay):
+async def test_live_tip_oversized_message_read_whole(start_relay):
     frames = [(1, identity_frame(1, padding=4096)), (2, identity_frame(2))]
     relay = await start_relay(frames)
     markers = await markers_until(relay, 2)
@@ -405,7 +405,7 @@ async def test_limit_restored_after_whole_read(start_relay):
             if isinstance(item, OversizedMessage) and item.frame is not None:
                 break
 
-    assert client._read_limit(1) == 1024
+    assert client._read_limit() == 1024
 
 
 async def test_backoff_resets_after_delivering_connection(start_relay):

@@ -282,7 +282,7 @@ def test_integer_prev_data_is_invalid():
     assert result.reason is VerifyFailure.INVALID_OP
 
 
-def test_record_blocks_with_integer_op_cid_are_invalid():
+def test_record_blocks_integer_cid_invalid():
     body = first_commit_with("create")
     blocks = car_blocks(body["blocks"])[1]
     ops = [dict(body["ops"][0], cid=5)]
@@ -466,7 +466,7 @@ def test_label_key_parses_as_did_key():
         assert parse_did_key(entry["signingKey"]).algorithm == "ES256K"
 
 
-def test_label_map_with_integer_sig_is_bad_encoding():
+def test_label_integer_sig_bad_encoding():
     label = dict(signed_labels()[0]["label"], sig=12)
     result = verify_label(label, signed_labels()[0]["signingKey"])
     assert result.reason is VerifyFailure.BAD_SIGNATURE_ENCODING
