@@ -7,6 +7,7 @@ cursor callable returns that value, as the indexer's store does with its committ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 
@@ -428,6 +429,20 @@ async def test_backoff_resets_after_delivering_connection(start_relay):
 # Messages and lifecycle
 
 
+@contextlib.asynccontextmanager
+async def one_handler_server(handler):
+    """Serve ``handler`` at the subscribeRepos path on 127.0.0.1 and yield the base URL."""
+    app = web.Application()
+    app.router.add_get(f"/xrpc/{REPOS_METHOD}", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"ws://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
 async def test_text_messages_ignored_and_counted():
     async def handler(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
@@ -437,20 +452,37 @@ async def test_text_messages_ignored_and_counted():
         await ws.receive()
         return ws
 
-    app = web.Application()
-    app.router.add_get(f"/xrpc/{REPOS_METHOD}", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    port = runner.addresses[0][1]
-    try:
+    async with one_handler_server(handler) as url:
         consumer = Consumer()
-        async with StreamClient(f"ws://127.0.0.1:{port}", REPOS_METHOD, consumer.cursor) as client:
+        async with StreamClient(url, REPOS_METHOD, consumer.cursor) as client:
             await consumer.run_until(client, 1)
-        assert consumer.items == [identity_frame(1)]
-        assert client.counters.text_messages == 1
-    finally:
-        await runner.cleanup()
+    assert consumer.items == [identity_frame(1)]
+    assert client.counters.text_messages == 1
+
+
+async def test_pings_count_as_traffic():
+    pongs: list[object] = []
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        # No frame for 1 s, more than the client's receive timeout, but a ping every 0.1 s.
+        ws = web.WebSocketResponse(autoping=False)
+        await ws.prepare(request)
+        await ws.send_bytes(identity_frame(1))
+        for number in range(10):
+            await ws.ping(b"ping %d" % number)
+            pongs.append((await ws.receive(timeout=2.0)).data)
+            await asyncio.sleep(0.1)
+        await ws.send_bytes(identity_frame(2))
+        await ws.receive()
+        return ws
+
+    async with one_handler_server(handler) as url:
+        consumer = Consumer()
+        async with StreamClient(url, REPOS_METHOD, consumer.cursor, receive_timeout=0.4) as client:
+            await consumer.run_until(client, 2)
+    assert client.counters.timeouts == 0
+    assert client.counters.connects == 1
+    assert pongs == [b"ping %d" % number for number in range(10)]
 
 
 async def test_aclose_from_other_task_ends_iteration(start_relay):
