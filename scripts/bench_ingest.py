@@ -192,15 +192,16 @@ def copy_rows(url: str, batches: list[Batch]) -> Figures:
     Plain COPY cannot update, so a record row whose key an earlier batch wrote (an update, about
     0.5 % of rows) is left out.
     """
-    from psycopg.types.json import Jsonb
+    from psycopg.types.json import Jsonb, set_json_dumps
 
     from indexer import schema
-    from indexer.store import JSONB_COLUMNS, _written_columns
+    from indexer.store import JSONB_COLUMNS, _written_columns, dump_json
 
     rows_written = 0
     copied: set[tuple] = set()
     started = time.perf_counter()
     with psycopg.connect(libpq_url(url)) as connection:
+        set_json_dumps(dump_json, context=connection)  # the same JSON writer as the indexer
         for batch in batches:
             with connection.cursor() as cursor:
                 tables = []
