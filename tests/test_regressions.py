@@ -223,6 +223,17 @@ async def test_nul_in_text_fields_removed(database_url):
     assert query(database_url, "SELECT count(*) FROM dead_letters") == [(0,)]
 
 
+async def test_integers_beyond_64_bits_stored(database_url):
+    # DAG-CBOR integers reach down to -2**64, outside the 64-bit range of the fast JSON writer.
+    extreme = {"low": -(2**64), "high": 2**64 - 1, "list": [-(2**63) - 1]}
+    ops = [("create", f"{POST}/extreme", post("extreme", extreme=extreme))]
+    await index_all(database_url, [(1, commit_frame(1, DID, tid(1), ops))])
+
+    stored = query(database_url, "SELECT record->'extreme' FROM posts WHERE rkey = 'extreme'")
+    assert stored == [(extreme,)]
+    assert query(database_url, "SELECT count(*) FROM dead_letters") == [(0,)]
+
+
 # 13. the same commit three times, then an older rev ------------------------------------------------
 
 
