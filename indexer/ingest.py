@@ -2,12 +2,14 @@
 
 ``StreamIndexer`` ties a ``StreamClient`` to a ``Store``. Events are decoded in arrival order and
 added to the open batch; a batch is committed when it holds ``batch_size`` events or its oldest
-event is ``batch_interval`` seconds old, in a worker thread so that receiving goes on meanwhile.
+event is ``batch_interval`` seconds old, in worker threads so that receiving goes on meanwhile.
 A full batch is handed to the writer and the next one fills while it commits, so decoding overlaps
-PostgreSQL's share of the write. At most one batch is being written at a time, a full batch waits
-for the one before it (so at most two are held), and batches commit in stream order. Once a commit
-fails or is abandoned (a second signal), no later batch commits: its cursor would cover the events
-of the batch that did not commit.
+PostgreSQL's share of the write. The writer uses the store's two lanes (connections) in turn: a
+batch's rows are staged on its lane while the batch before it commits on the other one. A full
+batch waits until the batch before it is staged and the one before that has committed, so at most
+three batches are held. Batches commit one at a time, in stream order. Once a commit fails or is
+abandoned (a second signal), no later batch commits: its cursor would cover the events of the
+batch that did not commit.
 
 Cursor contract: the cursor stored with a batch is the seq of its last event, and every event at or
 below it is committed. Before every reconnect the open batch is committed and the connection asks
@@ -111,6 +113,11 @@ class IngestCounters:
     last_event_time: str | None = None
 
 
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class RateLimitedWarnings:
     """Log the first problem of each reason per interval, then only count, so hostile input cannot flood logs."""
 
@@ -165,8 +172,13 @@ class StreamIndexer:
         self.batch = Batch(endpoint=self.endpoint)
         self.batch_started: float | None = None
         self.pending_gap: Gap | None = None
-        self.write_lock = asyncio.Lock()  # held by the batch being committed; waiters commit in FIFO order
-        self.writing: asyncio.Future | None = None  # the commit of the last full batch handed over
+        self.write_lock = asyncio.Lock()  # held by the batch being committed
+        # The commits of the last two batches handed over, oldest first. last_staged resolves once the
+        # last of them is staged.
+        self.recent_commits: collections.deque[asyncio.Future] = collections.deque(maxlen=2)
+        self.last_staged: asyncio.Future | None = None
+        self.lane_locks = [asyncio.Lock(), asyncio.Lock()]  # held by the batch that uses the store's lane
+        self.next_lane = 0
         self.commits: set[asyncio.Future] = set()  # commits queued or running, cancelled on abandon
         self.commit_abandoned = False  # a commit was cancelled (abandon): no later batch may commit
         self.client = client_factory(self._cursor_for_connect)
@@ -220,17 +232,23 @@ class StreamIndexer:
         await self._settle(self._start_commit())
 
     async def _hand_over(self) -> None:
-        """Start committing the full open batch and return, once the batch before it has committed."""
-        if self.writing is not None:
-            await self._settle(self.writing)
-        self.writing = self._start_commit()
+        """Start committing the full open batch once the batch before it is staged and the one before that committed."""
+        if self.last_staged is not None:
+            await self._settle(self.last_staged)
+        if len(self.recent_commits) == 2:
+            await self._settle(self.recent_commits[0])
+        self._start_commit()
 
     def _start_commit(self) -> asyncio.Future:
         """Take the open batch out of the pipeline and queue its commit; the future runs on its own."""
         batch, started = self.batch, self.batch_started
         self.batch, self.batch_started = Batch(endpoint=self.endpoint), None
-        commit = asyncio.ensure_future(self._commit_in_order(batch, started))
+        lane, self.next_lane = self.next_lane, 1 - self.next_lane
+        previous = self.recent_commits[-1] if self.recent_commits else None
+        staged = self.last_staged = asyncio.get_running_loop().create_future()
+        commit = asyncio.ensure_future(self._commit_in_order(batch, started, lane, staged, previous))
         self.commits.add(commit)
+        self.recent_commits.append(commit)
         commit.add_done_callback(self._after_commit)
         return commit
 
@@ -249,31 +267,56 @@ class StreamIndexer:
         if cancelled is not None:
             raise cancelled
 
-    async def _commit_in_order(self, batch: Batch, started: float | None) -> None:
-        """Commit ``batch`` after the batches queued before it, unless one of those did not commit.
+    async def _commit_in_order(self, batch: Batch, started: float | None, lane: int, staged: asyncio.Future,
+                               previous: asyncio.Future | None) -> None:
+        """Stage ``batch`` on ``lane``, then commit it after ``previous``, unless an earlier commit did not succeed.
 
-        After a failed commit, its error is raised again here. After an abandoned (cancelled) one,
-        this commit is cancelled too. Either way the cursor must not move past the events of the
-        earlier batch. Also when a cancelled commit's thread is still writing, no second write may
-        start on the same connection.
+        ``staged`` is resolved once staging is over, however it ended. After a failed commit, its
+        error is raised again here. After an abandoned (cancelled) one, this commit is cancelled
+        too. Either way the cursor must not move past the events of the earlier batch. Also when a
+        cancelled commit's thread is still writing, no second write may start on the same
+        connection, which the lane lock ensures.
         """
-        async with self.write_lock:
-            if self.commit_abandoned:
-                raise asyncio.CancelledError
-            if self.write_failure is not None:
-                raise self.write_failure
-            if batch.is_empty():
-                return
-            try:
-                await self._commit(batch)
-            except asyncio.CancelledError:
-                self.commit_abandoned = True
-                raise
-            except Exception as error:
+        try:
+            async with self.lane_locks[lane]:
+                try:
+                    self._raise_if_stopped()
+                    batch, rows_staged = await self._stage(batch, lane)
+                finally:
+                    _resolve(staged)
+                if previous is not None:
+                    await asyncio.wait([previous])  # in stream order, however the previous commit ended
+                async with self.write_lock:
+                    self._raise_if_stopped()
+                    if batch.is_empty():
+                        return
+                    await self._commit(batch, lane, rows_staged)
+        except asyncio.CancelledError:
+            self.commit_abandoned = True
+            raise
+        except Exception as error:
+            if self.write_failure is None:
                 self.write_failure = error
-                raise
-            if started is not None:
-                self.counters.batch_lags.append(time.monotonic() - started)
+            raise
+        finally:
+            _resolve(staged)  # also when cancelled before its turn on the lane
+        if started is not None:
+            self.counters.batch_lags.append(time.monotonic() - started)
+
+    def _raise_if_stopped(self) -> None:
+        """Raise the error of an earlier commit that failed, or CancelledError after an abandoned one."""
+        if self.commit_abandoned:
+            raise asyncio.CancelledError
+        if self.write_failure is not None:
+            raise self.write_failure
+
+    async def _stage(self, batch: Batch, lane: int) -> tuple[Batch, bool]:
+        """Verify ``batch`` (when checks are on) and COPY its rows on ``lane``; return it and whether its rows are staged."""
+        if batch.is_empty():
+            return batch, False
+        if self.verifier is not None:
+            batch = await self._verify(batch)
+        return batch, await asyncio.to_thread(self.store.stage, batch, lane)
 
     def _after_commit(self, commit: asyncio.Future) -> None:
         """Forget a finished commit. When it failed, end ``run()``, because run() may not be awaiting it."""
@@ -281,11 +324,16 @@ class StreamIndexer:
         if not commit.cancelled() and commit.exception() is not None:
             asyncio.get_running_loop().create_task(self.client.aclose())
 
-    async def _commit(self, batch: Batch) -> None:
+    async def _commit(self, batch: Batch, lane: int, staged: bool) -> None:
         started = time.monotonic()
-        if self.verifier is not None:
-            batch = await self._verify(batch)
-        await self._with_database(lambda: self.store.write(batch))
+        first_attempt = [staged]
+
+        def write() -> None:
+            # A retry after DatabaseUnavailable writes the batch whole: its staged rows went with the connection.
+            rows_staged, first_attempt[0] = first_attempt[0], False
+            self.store.finish(batch, lane, rows_staged)
+
+        await self._with_database(write)
         self.counters.commit_seconds.append(time.monotonic() - started)
         del self.counters.commit_seconds[:-1000]
         self.counters.batches += 1

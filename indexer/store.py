@@ -354,9 +354,11 @@ CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 class Store:
     """Writes batches of one stream endpoint and job, and reads its cursor.
 
-    Holds one psycopg connection. ``write`` is all-or-nothing per batch. A connection failure raises
-    ``DatabaseUnavailable`` with nothing committed; call ``write`` again with the same batch after
-    reconnecting. An error in our own SQL or schema raises ``StoreError``.
+    Holds up to two psycopg connections, the lanes 0 and 1, so that one batch can be staged while
+    the batch before it commits (``stage`` and ``finish``). Lane 0 also reads the cursor. ``write``
+    is all-or-nothing per batch. A connection failure raises ``DatabaseUnavailable`` with nothing
+    committed; call ``write`` again with the same batch after reconnecting. An error in our own SQL
+    or schema raises ``StoreError``.
     """
 
     def __init__(self, url: str, endpoint: str, job: str = "live", *, exclusive: bool = False,
@@ -375,35 +377,50 @@ class Store:
         self.job = job
         self.exclusive = exclusive
         self.synchronous_commit = synchronous_commit
-        self.connection: psycopg.Connection | None = None
+        self.lanes: list[psycopg.Connection | None] = [None, None]
         self.rows_written = 0  # record rows (typed tables and records)
         self.history_rows_written = 0  # labels, identity, account and sync event rows
         self.dead_letters_written = 0
 
-    def connect(self) -> psycopg.Connection:
-        """Return the open connection, connecting (and locking the cursor) first when there is none."""
-        if self.connection is not None and not self.connection.closed:
-            return self.connection
+    @property
+    def connection(self) -> psycopg.Connection | None:
+        """The connection of lane 0, or None before ``connect``."""
+        return self.lanes[0]
+
+    def connect(self, lane: int = 0) -> psycopg.Connection:
+        """Return the open connection of ``lane``, connecting (and locking the cursor) first when there is none."""
+        connection = self.lanes[lane]
+        if connection is not None and not connection.closed:
+            return connection
         try:
-            connection = self.connection = psycopg.connect(self.url, autocommit=False)
+            connection = self.lanes[lane] = psycopg.connect(self.url, autocommit=False)
         except CONNECTION_ERRORS as error:
             raise DatabaseUnavailable(f"cannot connect to the database: {error}".strip()) from error
         set_json_dumps(dump_json, context=connection)
         if not self.synchronous_commit:
             connection.execute("SET synchronous_commit = off")
         if self.exclusive:
-            self._lock_cursor(connection)
+            self._lock_cursor(connection, lane)
         _create_staging_tables(connection)
+        if self.exclusive and lane == 0 and self.lanes[1] is None:
+            # Both lanes lock at the start, so no second process can start while either connection is alive.
+            try:
+                self.connect(1)
+            except IndexerError:
+                self._drop_connection(0)
+                raise
         return connection
 
-    def _lock_cursor(self, connection: psycopg.Connection) -> None:
-        """Take the session advisory lock of this endpoint and job, or raise StreamLocked.
+    def _lock_cursor(self, connection: psycopg.Connection, lane: int) -> None:
+        """Take the session advisory lock of this endpoint, job and lane, or raise StreamLocked.
 
         Two writers on one cursor would each move it past the other's uncommitted batches. The
         lock goes with the connection, so a crashed process releases it, and a reconnect takes it
-        again.
+        again. Each lane has its own lock, so a second process cannot start while either of this
+        store's connections is alive.
         """
-        digest = hashlib.sha256(f"indexer cursor|{self.endpoint}|{self.job}".encode()).digest()
+        name = f"indexer cursor|{self.endpoint}|{self.job}" + (f"|lane {lane}" if lane else "")
+        digest = hashlib.sha256(name.encode()).digest()
         key = int.from_bytes(digest[:8], "big", signed=True)
         # A process killed a moment ago may still have a session on the server until the server
         # notices, so a held lock is retried for a few seconds before it counts as another writer.
@@ -413,23 +430,24 @@ class Store:
                 found = connection.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
                 connection.commit()
             except CONNECTION_ERRORS as error:
-                self._drop_connection()
+                self._drop_connection(lane)
                 raise DatabaseUnavailable(f"locking the cursor failed: {error}") from error
             locked = found is not None and found[0]
             if locked or time.monotonic() >= deadline:
                 break
             time.sleep(0.2)
         if not locked:
-            self._drop_connection()
+            self._drop_connection(lane)
             raise StreamLocked(
                 f"another indexer process is already indexing {self.endpoint} (job {self.job!r}) into this "
                 "database. Stop it first; a backfill replay can run beside it under its own --job."
             )
 
     def close(self) -> None:
-        if self.connection is not None:
-            self.connection.close()
-            self.connection = None
+        for lane, connection in enumerate(self.lanes):
+            if connection is not None:
+                connection.close()
+                self.lanes[lane] = None
 
     def read_cursor(self) -> int | None:
         """Return the committed cursor of this endpoint and job, or None when there is none yet."""
@@ -447,30 +465,85 @@ class Store:
             raise self._refused("reading the cursor", error) from error
         return found[0] if found else None
 
-    def write(self, batch: Batch) -> None:
+    def write(self, batch: Batch, lane: int = 0) -> None:
         """Apply ``batch`` and move the cursor in one transaction; split it when a value is rejected."""
         if batch.is_empty():
             return
-        connection = self.connect()
+        connection = self.connect(lane)
+        if connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            # Rows that a failed finish() left staged would be merged a second time.
+            self._abort(lane)
+            connection = self.connect(lane)
         try:
-            self._write_once(batch)
+            self._write_once(batch, lane)
         except DATA_ERRORS as error:
             connection.rollback()
-            self._write_split(batch, error)
+            self._write_split(batch, error, lane)
 
-    def _write_split(self, batch: Batch, error: Exception) -> None:
+    def stage(self, batch: Batch, lane: int) -> bool:
+        """Open the transaction of ``batch`` on ``lane`` and COPY its rows into that session's staging tables.
+
+        This runs while the batch before it commits on the other lane, so PostgreSQL reads the rows
+        of one batch while it merges those of the other. ``finish`` must follow on the same lane.
+        Returns True when the rows are staged. False means nothing is left open: a value was
+        rejected or the database is unreachable, and ``finish`` then writes the batch as ``write``
+        does.
+        """
+        if batch.is_empty():
+            return False
+        try:
+            connection = self.connect(lane)
+        except DatabaseUnavailable:
+            return False
+        try:
+            with connection.cursor() as cursor:
+                _copy_staging_rows(cursor, batch)
+        except psycopg.Error:
+            # Any failure here happens again in write(), which classifies it.
+            self._abort(lane)
+            return False
+        return True
+
+    def finish(self, batch: Batch, lane: int, staged: bool) -> None:
+        """Merge the rows that ``stage`` staged, write the rest of ``batch`` and its cursor, and commit.
+
+        ``staged`` is what ``stage`` returned; when False the batch is written whole, as ``write``
+        does. Failures are those of ``write``. After ``DatabaseUnavailable`` the staged rows are
+        gone, so the retry is ``write(batch, lane)``.
+        """
+        if not staged:
+            self.write(batch, lane)
+            return
+        connection = self._open_connection(lane)
+        try:
+            self._write_once(batch, lane, staged=True)
+        except DATA_ERRORS as error:
+            connection.rollback()
+            self._write_split(batch, error, lane)
+
+    def _abort(self, lane: int) -> None:
+        """Roll back the open transaction of ``lane``, or drop its connection when that fails too."""
+        connection = self.lanes[lane]
+        if connection is None:
+            return
+        try:
+            connection.rollback()
+        except psycopg.Error:
+            self._drop_connection(lane)
+
+    def _write_split(self, batch: Batch, error: Exception, lane: int) -> None:
         if len(batch.events) <= 1:
-            self._write_rejected(batch, error)
+            self._write_rejected(batch, error, lane)
             return
         middle = len(batch.events) // 2
         first = rebuild(batch.endpoint, batch.events[:middle], batch.verifications, batch.backlog)
         second = rebuild(batch.endpoint, batch.events[middle:], batch.verifications, batch.backlog)
         # The cursor may have moved past skipped events after the last event with rows.
         second.cursor, second.cursor_time = batch.cursor, batch.cursor_time
-        self.write(first)
-        self.write(second)
+        self.write(first, lane)
+        self.write(second, lane)
 
-    def _write_rejected(self, batch: Batch, error: Exception) -> None:
+    def _write_rejected(self, batch: Batch, error: Exception, lane: int) -> None:
         if not batch.events:
             raise StoreError(f"the database rejected a batch with no events for {self.endpoint}: {error}") from error
         event = batch.events[0]
@@ -483,18 +556,25 @@ class Store:
         replacement.cursor = batch.cursor
         replacement.cursor_time = batch.cursor_time
         replacement.events.append(event)
-        self._write_once(replacement)
+        self._write_once(replacement, lane)
 
-    def _write_once(self, batch: Batch) -> None:
-        connection = self._open_connection()
+    def _write_once(self, batch: Batch, lane: int, staged: bool = False) -> None:
+        """Write ``batch`` in one transaction; with ``staged``, in the one ``stage`` opened, which commits here."""
+        connection = self._open_connection(lane)
         try:
-            with connection.transaction():
+            if staged:
                 with connection.cursor() as cursor:
-                    self._apply(cursor, batch)
+                    self._merge(cursor, batch)
+                connection.commit()
+            else:
+                with connection.transaction():
+                    with connection.cursor() as cursor:
+                        _copy_staging_rows(cursor, batch)
+                        self._merge(cursor, batch)
         except DATA_ERRORS:
             raise
         except CONNECTION_ERRORS as error:
-            self._drop_connection()
+            self._drop_connection(lane)
             raise DatabaseUnavailable(f"writing a batch failed: {error}".strip()) from error
         except REFUSED_ERRORS as error:
             raise self._refused(f"writing a batch of {len(batch)} events", error) from error
@@ -509,19 +589,13 @@ class Store:
         self.history_rows_written += sum(len(rows) for rows in batch.history.values())
         self.dead_letters_written += len(batch.dead_letters)
 
-    def _apply(self, cursor: psycopg.Cursor, batch: Batch) -> None:
-        # First every COPY into the staging tables, then the merging statements in one round trip.
-        # The writer thread waits for the GIL after each round trip, because the decoding loop holds
-        # it, so fewer round trips make a shorter commit (docs/performance.md).
-        deletions = list(batch.deletions.values())
-        if deletions:
-            _copy_rows(cursor, schema.deletions, _written_columns(schema.deletions), deletions)
+    def _merge(self, cursor: psycopg.Cursor, batch: Batch) -> None:
+        """Merge the staged rows of ``batch`` into the tables, then write its other rows and its cursor."""
+        # The merging statements go in one round trip. The writer thread waits for the GIL after
+        # each round trip, because the decoding loop holds it, so fewer round trips make a shorter
+        # commit (docs/performance.md).
         tables = [schema.metadata.tables[name] for name in batch.records]
-        for table in tables:
-            _copy_rows(cursor, table, _written_columns(table), batch.records[table.name].values())
-        if batch.actors:
-            _copy_actors(cursor, batch.actors)
-        cursor.execute(_merge_statements(bool(deletions), tables, bool(batch.actors)))
+        cursor.execute(_merge_statements(bool(batch.deletions), tables, bool(batch.actors)))
 
         for table_name, rows in batch.history.items():
             _insert_ignoring_duplicates(cursor, schema.metadata.tables[table_name], rows)
@@ -549,19 +623,21 @@ class Store:
             "connect as the role that ran `indexer db upgrade`, to a server that is not read-only), then restart."
         )
 
-    def _open_connection(self) -> psycopg.Connection:
+    def _open_connection(self, lane: int = 0) -> psycopg.Connection:
         """Return the connection that ``connect`` opened. A dropped one counts as a database that is down."""
-        if self.connection is None:
+        connection = self.lanes[lane]
+        if connection is None:
             raise DatabaseUnavailable(f"the database connection for {self.endpoint} was dropped")
-        return self.connection
+        return connection
 
-    def _drop_connection(self) -> None:
-        if self.connection is not None:
+    def _drop_connection(self, lane: int = 0) -> None:
+        connection = self.lanes[lane]
+        if connection is not None:
             try:
-                self.connection.close()
+                connection.close()
             except psycopg.Error:
                 pass
-            self.connection = None
+            self.lanes[lane] = None
 
 
 def rebuild(endpoint: str, events: Iterable[Any], verifications: dict[int, Any] | None = None,
@@ -666,6 +742,18 @@ def _copy_rows(cursor: psycopg.Cursor, table: Table, columns: Sequence[str], row
         copy.set_types(_copy_types(table, columns))
         for row in rows:
             copy.write_row([row[name] for name in columns])
+
+
+def _copy_staging_rows(cursor: psycopg.Cursor, batch: Batch) -> None:
+    """COPY the deletions, record rows and account updates of ``batch`` into the staging tables."""
+    deletions = list(batch.deletions.values())
+    if deletions:
+        _copy_rows(cursor, schema.deletions, _written_columns(schema.deletions), deletions)
+    for name, rows in batch.records.items():
+        table = schema.metadata.tables[name]
+        _copy_rows(cursor, table, _written_columns(table), rows.values())
+    if batch.actors:
+        _copy_actors(cursor, batch.actors)
 
 
 def _record_key(table: Table) -> list[str]:

@@ -24,24 +24,24 @@ NO_INTERVAL_FLUSH = 30.0  # seconds; longer than any test, so only full batches 
 
 
 class WrappedWrite:
-    """Replaces ``store.write``: records each batch's cursor, can hold the first write or fail one."""
+    """Replaces ``store.finish``, the commit of a batch: records each batch's cursor, can hold the first commit or fail one."""
 
     def __init__(self, store, fail_call: int | None = None) -> None:
-        self.write = store.write
+        self.finish = store.finish
         self.fail_call = fail_call
         self.cursors: list[int | None] = []
         self.first_entered = threading.Event()
         self.release_first = threading.Event()
-        store.write = self
+        store.finish = self
 
-    def __call__(self, batch):
+    def __call__(self, batch, lane, staged):
         self.cursors.append(batch.cursor)
         if len(self.cursors) == 1:
             self.first_entered.set()
             self.release_first.wait(timeout=30)
         if len(self.cursors) == self.fail_call:
             raise StoreError(f"refused by the test at cursor {batch.cursor}")
-        return self.write(batch)
+        return self.finish(batch, lane, staged)
 
 
 async def _wait_for(condition, timeout: float = 20.0) -> None:
@@ -55,18 +55,33 @@ async def test_next_batch_fills_while_one_commits(database_url, corpus_frames):
         indexer = build_indexer(database_url, relay, batch_size=BATCH_SIZE, batch_interval=NO_INTERVAL_FLUSH,
                                 stop_at_seq=corpus_frames[-1][0])
         writes = WrappedWrite(indexer.store)
+        stage = indexer.store.stage
+        staged_lanes = []
+
+        def recording_stage(batch, lane):
+            staged_lanes.append((batch.cursor, lane))
+            return stage(batch, lane)
+
+        indexer.store.stage = recording_stage
         task = asyncio.create_task(indexer.run())
 
         await _wait_for(writes.first_entered.is_set)
-        await _wait_for(lambda: indexer.counters.received >= 2 * BATCH_SIZE)
+        await _wait_for(lambda: indexer.counters.received >= 3 * BATCH_SIZE)
+        await asyncio.sleep(0.2)  # a third batch that did not wait would be staged by now
         received_while_held = indexer.counters.received
         committed_while_held = indexer.committed
+        staged_while_held = list(staged_lanes)
         writes.release_first.set()
         await task
         indexer.store.close()
 
     assert committed_while_held is None
-    assert received_while_held == 2 * BATCH_SIZE  # a third full batch waits for the first commit
+    # The second batch is staged on the other lane while the first commits, and a third full one
+    # waits for that commit.
+    assert [cursor for cursor, _lane in staged_while_held] == [corpus_frames[BATCH_SIZE - 1][0],
+                                                                corpus_frames[2 * BATCH_SIZE - 1][0]]
+    assert staged_while_held[0][1] != staged_while_held[1][1]
+    assert received_while_held == 3 * BATCH_SIZE
     assert indexer.committed == corpus_frames[-1][0]
     assert writes.cursors == sorted(writes.cursors)
 
@@ -105,16 +120,16 @@ async def test_abandoned_commit_blocks_queued_commits(database_url, corpus_frame
     async with ReplayRelay(corpus_frames) as relay:
         indexer = build_indexer(database_url, relay, batch_size=BATCH_SIZE, batch_interval=0.1)
         indexer.db_backoff = SlowRetry()
-        write = indexer.store.write
+        finish = indexer.store.finish
         cursors = []
 
-        def fail_first(batch):
+        def fail_first(batch, lane, staged):
             cursors.append(batch.cursor)
             if len(cursors) == 1:
                 raise DatabaseUnavailable("the test's database is down")
-            return write(batch)
+            return finish(batch, lane, staged)
 
-        indexer.store.write = fail_first
+        indexer.store.finish = fail_first
         task = asyncio.create_task(indexer.run())
         await _wait_for(lambda: cursors and indexer.counters.received >= 2 * BATCH_SIZE and len(indexer.commits) >= 2)
         indexer.abandon = True  # what a second signal does before cancelling the main task
@@ -127,3 +142,28 @@ async def test_abandoned_commit_blocks_queued_commits(database_url, corpus_frame
 
     assert cursors == [corpus_frames[BATCH_SIZE - 1][0]]
     assert stored is None
+
+
+async def test_staged_batch_rewritten_after_outage(database_url, corpus_frames):
+    # The database went away between staging and commit: the retry writes the batch whole.
+    async with ReplayRelay(corpus_frames) as relay:
+        indexer = build_indexer(database_url, relay, batch_size=BATCH_SIZE, batch_interval=NO_INTERVAL_FLUSH,
+                                stop_at_seq=corpus_frames[-1][0])
+        finish = indexer.store.finish
+        calls = []
+
+        def fail_first(batch, lane, staged):
+            calls.append((batch.cursor, staged))
+            if len(calls) == 1:
+                raise DatabaseUnavailable("the test's database is down")
+            return finish(batch, lane, staged)
+
+        indexer.store.finish = fail_first
+        await asyncio.wait_for(indexer.run(), timeout=30)
+        events = indexer.store.connect().execute("SELECT events FROM cursors").fetchall()
+        indexer.store.close()
+
+    first_cursor = corpus_frames[BATCH_SIZE - 1][0]
+    assert calls[:2] == [(first_cursor, True), (first_cursor, False)]
+    assert indexer.committed == corpus_frames[-1][0]
+    assert events == [(len(corpus_frames),)]

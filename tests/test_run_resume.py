@@ -59,7 +59,7 @@ async def stop_after(url: str, relay: ReplayRelay, count: int, *, abandon: bool)
     def stalled(running) -> bool:
         if running.counters.received < count:
             return False
-        if running.writing is not None and not running.writing.done():
+        if running.commits:
             return False  # let the full batches commit: what is abandoned here is the open batch
         running.abandon = abandon  # abandoning is what a second signal or a crash does
         return True

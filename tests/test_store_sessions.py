@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from indexer import store as store_module
 from indexer.runner import RunSettings, build_indexers
-from indexer.store import Store
+from indexer.store import Store, StreamLocked
 
 ENDPOINT = "ws://relay.test/xrpc/com.atproto.sync.subscribeRepos"
 
@@ -33,3 +34,19 @@ def test_store_commits_synchronously_by_default(database_url):
         assert session_setting(store, "synchronous_commit") == "on"
     finally:
         store.close()
+
+
+def test_second_writer_refused_while_lane_alive(database_url, monkeypatch):
+    monkeypatch.setattr(store_module, "LOCK_WAIT_SECONDS", 0.3)
+    first = Store(database_url, ENDPOINT, exclusive=True)
+    second = Store(database_url, ENDPOINT, exclusive=True)
+    try:
+        first.connect()
+        first._drop_connection(0)  # lane 1 still writes for the first store
+        with pytest.raises(StreamLocked, match="already indexing"):
+            second.connect()
+        assert second.lanes == [None, None]
+        first.connect()  # the second store released the lane 0 lock it had taken
+    finally:
+        first.close()
+        second.close()
