@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import operator
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -738,10 +739,12 @@ def _copy_rows(cursor: psycopg.Cursor, table: Table, columns: Sequence[str], row
     names = ", ".join(f'"{name}"' for name in columns)
     # Binary COPY with the column types declared once: psycopg picks each column's dumper once,
     # not per value, and JSON values need no Jsonb wrapper (client CPU 21 -> 17 us/event).
+    # One C call per row instead of a list comprehension. itemgetter of one name returns the bare value.
+    values_of = operator.itemgetter(*columns) if len(columns) > 1 else lambda row: (row[columns[0]],)
     with cursor.copy(f"COPY {_staging_name(table)} ({names}) FROM STDIN (FORMAT BINARY)") as copy:
         copy.set_types(_copy_types(table, columns))
         for row in rows:
-            copy.write_row([row[name] for name in columns])
+            copy.write_row(values_of(row))
 
 
 def _copy_staging_rows(cursor: psycopg.Cursor, batch: Batch) -> None:
