@@ -355,13 +355,15 @@ class StreamClient:
             loop = asyncio.get_running_loop()
             opened_at = loop.time()
             delivered = 0
+            silence = _SilenceWatch(ws, self.receive_timeout)
             try:
-                async with aclosing(self._receive(ws, cursor)) as messages:
+                async with aclosing(self._receive(ws, cursor, silence)) as messages:
                     async for item in messages:
                         if isinstance(item, bytes):
                             delivered += 1
                         yield item
             finally:
+                silence.stop()
                 self._ws = None
                 self.connected = False
                 await ws.close()
@@ -374,19 +376,9 @@ class StreamClient:
                 return
 
     async def _receive(
-        self, ws: aiohttp.ClientWebSocketResponse, cursor: int | None
-    ) -> AsyncGenerator[bytes | OversizedMessage, None]:
-        """Yield the messages of one connection until it ends, and log how it ended."""
-        silence = _SilenceWatch(ws, self.receive_timeout)
-        try:
-            async for item in self._messages(ws, cursor, silence):
-                yield item
-        finally:
-            silence.stop()
-
-    async def _messages(
         self, ws: aiohttp.ClientWebSocketResponse, cursor: int | None, silence: _SilenceWatch
     ) -> AsyncGenerator[bytes | OversizedMessage, None]:
+        """Yield the messages of one connection until it ends, and log how it ended."""
         position = 0
         while True:
             message = await ws.receive()
