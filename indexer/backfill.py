@@ -59,7 +59,6 @@ class ReplaySettings:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     backoff: Callable[[], Backoff] | None = None
     verify: VerifySettings = field(default_factory=VerifySettings)  # off unless set
-    synchronous_commit: bool = False  # see Store
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,8 +137,7 @@ def _existing_replay(endpoint: str, settings: ReplaySettings, start: int | None,
 
 def build_replay_indexer(database_url: str, job: ReplayJob, settings: ReplaySettings) -> StreamIndexer:
     """Create the StreamIndexer of a replay job: the job's own cursor row, stopping after its target."""
-    store = Store(database_url, job.endpoint, job=job.job, exclusive=True,
-                  synchronous_commit=settings.synchronous_commit)
+    store = Store(database_url, job.endpoint, job=job.job, exclusive=True)
 
     def client_factory(cursor_source):
         backoff = settings.backoff() if settings.backoff else None

@@ -94,11 +94,6 @@ VerifyKeyWaitOption = Annotated[float, typer.Option(
     "--verify-key-wait", envvar="INDEXER_VERIFY_KEY_WAIT", min=0.0,
     help="Seconds a batch commit waits for DID documents still being resolved; rows whose key is "
     "still unknown are stored with verified NULL (reason no_key).")]
-SynchronousCommitOption = Annotated[bool, typer.Option(
-    "--synchronous-commit", envvar="INDEXER_SYNCHRONOUS_COMMIT",
-    help="Wait for each batch's commit to reach the disk. By default the stream's sessions turn "
-    "PostgreSQL's synchronous_commit off: after an operating-system crash the last batches and their "
-    "cursor are gone together, and are read from the stream again (docs/guarantees.md).")]
 
 log = logging.getLogger("indexer")
 
@@ -301,7 +296,6 @@ def run(
     verify_recheck_interval: Annotated[float, typer.Option(
         envvar="INDEXER_VERIFY_RECHECK_INTERVAL", min=1.0,
         help="Seconds between two checks of the events stored unchecked because no key was known.")] = 300.0,
-    synchronous_commit: SynchronousCommitOption = False,
     metrics_addr: MetricsAddressOption = DEFAULT_METRICS_ADDRESS,
     no_metrics: NoMetricsOption = False,
     progress_interval: ProgressIntervalOption = 30.0,
@@ -330,7 +324,6 @@ def run(
         filters=filters, batch_size=batch_size, batch_interval=batch_interval,
         receive_timeout=receive_timeout, max_message_size=max_message_size,
         verify=verify_settings(verify, plc_url, verify_workers, verify_key_wait),
-        synchronous_commit=synchronous_commit,
     )
     if settings.relay is None and not settings.labelers:
         raise ConfigError("nothing to index: --no-repos and --no-labels were both given")
@@ -579,7 +572,6 @@ def backfill(
     = 60.0,
     no_migrate: Annotated[bool, typer.Option("--no-migrate", envvar="INDEXER_NO_MIGRATE",
                                              help="Do not upgrade the schema first; fail if it is not current.")] = False,
-    synchronous_commit: SynchronousCommitOption = False,
     database_url: DatabaseUrlOption = None,
     log_level: LogLevelOption = "info",
     log_format: LogFormatOption = "text",
@@ -606,8 +598,7 @@ def backfill(
         settings = backfills.ReplaySettings(relay=relay, job=job or backfills.REPLAY_JOB, cursor=cursor, until=until,
                                             batch_size=batch_size, receive_timeout=receive_timeout,
                                             verify=verify_settings(verify, plc_url, verify_workers, verify_key_wait,
-                                                                   allow_local_http),
-                                            synchronous_commit=synchronous_commit)
+                                                                   allow_local_http))
         database = prepare_database(database_url, migrate=not no_migrate)
         report_build()
         tune_gc()

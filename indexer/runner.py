@@ -42,7 +42,6 @@ class RunSettings:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     job: str = "live"
     stop_at_seq: int | None = None
-    synchronous_commit: bool = False  # see Store
     # Off unless set: programs and tests must choose a PLC directory; `indexer run` defaults to record.
     verify: VerifySettings = field(default_factory=VerifySettings)
 
@@ -59,8 +58,7 @@ def build_indexers(database_url: str, settings: RunSettings) -> list[StreamIndex
 
 def _indexer(database_url: str, settings: RunSettings, base: str, method: str, decode) -> StreamIndexer:
     endpoint = endpoint_url(base, method)
-    store = Store(database_url, endpoint, job=settings.job, exclusive=True,
-                  synchronous_commit=settings.synchronous_commit)
+    store = Store(database_url, endpoint, job=settings.job, exclusive=True)
 
     def client_factory(cursor_source):
         return StreamClient(endpoint, method, cursor_source, receive_timeout=settings.receive_timeout,

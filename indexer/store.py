@@ -362,22 +362,12 @@ class Store:
     or schema raises ``StoreError``.
     """
 
-    def __init__(self, url: str, endpoint: str, job: str = "live", *, exclusive: bool = False,
-                 synchronous_commit: bool = True) -> None:
-        """Configure the store. Nothing connects until the first read or write.
-
-        ``exclusive``: hold a lock so that no other process writes this endpoint and job's cursor.
-        ``synchronous_commit`` False turns PostgreSQL's ``synchronous_commit`` off for this store's
-        sessions: a commit returns before its WAL reaches the disk. For a stream indexer that loses
-        nothing, because the cursor commits with the rows. After an operating-system crash the server
-        comes back without the last batches (up to three times ``wal_writer_delay``, 600 ms by
-        default) and without the cursor that covered them, so the stream is read again from there.
-        """
+    def __init__(self, url: str, endpoint: str, job: str = "live", *, exclusive: bool = False) -> None:
+        """``exclusive``: hold a lock so that no other process writes this endpoint and job's cursor."""
         self.url = url.replace("postgresql+psycopg://", "postgresql://", 1)
         self.endpoint = endpoint
         self.job = job
         self.exclusive = exclusive
-        self.synchronous_commit = synchronous_commit
         self.lanes: list[psycopg.Connection | None] = [None, None]
         self.rows_written = 0  # record rows (typed tables and records)
         self.history_rows_written = 0  # labels, identity, account and sync event rows
@@ -393,13 +383,13 @@ class Store:
         connection = self.lanes[lane]
         if connection is not None and not connection.closed:
             return connection
+        # A name for pg_stat_activity, unless the database URL sets one.
+        name = {} if "application_name" in self.url else {"application_name": f"indexer {self.job} lane {lane}"}
         try:
-            connection = self.lanes[lane] = psycopg.connect(self.url, autocommit=False)
+            connection = self.lanes[lane] = psycopg.connect(self.url, autocommit=False, **name)
         except CONNECTION_ERRORS as error:
             raise DatabaseUnavailable(f"cannot connect to the database: {error}".strip()) from error
         set_json_dumps(dump_json, context=connection)
-        if not self.synchronous_commit:
-            connection.execute("SET synchronous_commit = off")
         if self.exclusive:
             self._lock_cursor(connection, lane)
         _create_staging_tables(connection)

@@ -300,11 +300,6 @@ def _with_seq(frame: bytes, seq: int) -> bytes:
     return libipld.encode_dag_cbor(header) + libipld.encode_dag_cbor(body)
 
 
-def synchronous_commit() -> bool:
-    """Return True when INDEXER_SYNCHRONOUS_COMMIT is 1, true, yes or on, the setting `indexer run` reads too."""
-    return os.environ.get("INDEXER_SYNCHRONOUS_COMMIT", "").lower() in ("1", "true", "yes", "on")
-
-
 def run_indexer(url: str, relay_base: str, stop_at_seq: int, batch_size: int, result,
                 verify: tuple[str, str] | None = None) -> None:
     """Child process: run the real StreamIndexer until ``stop_at_seq``, then report its figures.
@@ -318,7 +313,7 @@ def run_indexer(url: str, relay_base: str, stop_at_seq: int, batch_size: int, re
     from indexer.verifier import EventVerifier, VerifyMode, VerifySettings
 
     endpoint = endpoint_url(relay_base, REPOS_METHOD)
-    store = Store(url, endpoint, synchronous_commit=synchronous_commit())
+    store = Store(url, endpoint)
 
     def client_factory(cursor_source):
         return StreamClient(endpoint, REPOS_METHOD, cursor_source)
@@ -458,9 +453,7 @@ def ratio(numerator: Figures, denominator: Figures) -> str:
 def print_table(machine: str, events: int, results: dict[str, Figures]) -> None:
     ours, sdk, copy, e2e = results["ours"], results["sdk"], results["copy"], results["e2e"]
     print(machine)
-    commit = "on" if synchronous_commit() else "off"
-    print(f"events: {events:,} (synthetic_stream from recorded frames), batch size {results['batch_size']}, "
-          f"synchronous_commit {commit}")
+    print(f"events: {events:,} (synthetic_stream from recorded frames), batch size {results['batch_size']}")
     print()
     print(f"{'measure':<48} {'rate':>22}  notes")
     print(f"{ours.label:<48} {format_rate(ours):>22}  CPU-time rate {ours.extra['cpu_rate']:,.0f}/s")

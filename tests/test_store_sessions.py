@@ -17,23 +17,16 @@ def session_setting(store: Store, name: str) -> str:
     return row[0]
 
 
-@pytest.mark.parametrize(("synchronous_commit", "expected"), [(False, "off"), (True, "on")])
-def test_run_sets_synchronous_commit(database_url, synchronous_commit, expected):
-    settings = RunSettings(relay="ws://127.0.0.1:9", labelers=[], synchronous_commit=synchronous_commit)
-    store = build_indexers(database_url, settings)[0].store
+def test_stream_commits_wait_for_disk(database_url):
+    # Regression: with synchronous_commit off, a PostgreSQL crash while the indexer kept running lost
+    # the last commits for good, because the indexer went on from its cursor in memory.
+    settings = RunSettings(relay="ws://127.0.0.1:9", labelers=["ws://127.0.0.1:10"])
+    stores = [indexer.store for indexer in build_indexers(database_url, settings)]
     try:
-        assert session_setting(store, "synchronous_commit") == expected
+        assert [session_setting(store, "synchronous_commit") for store in stores] == ["on", "on"]
     finally:
-        store.close()
-
-
-def test_store_commits_synchronously_by_default(database_url):
-    # Only the stream indexers turn it off: their cursor commits with the rows, so the stream can be read again.
-    store = Store(database_url, ENDPOINT)
-    try:
-        assert session_setting(store, "synchronous_commit") == "on"
-    finally:
-        store.close()
+        for store in stores:
+            store.close()
 
 
 def test_second_writer_refused_while_lane_alive(database_url, monkeypatch):
@@ -50,3 +43,11 @@ def test_second_writer_refused_while_lane_alive(database_url, monkeypatch):
     finally:
         first.close()
         second.close()
+
+
+def test_lanes_named_in_pg_stat_activity(database_url):
+    store = Store(database_url, ENDPOINT, job="backfill")
+    try:
+        assert session_setting(store, "application_name") == "indexer backfill lane 0"
+    finally:
+        store.close()
