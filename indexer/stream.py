@@ -170,11 +170,13 @@ class _SilenceWatch:
     One timer task per connection replaces a timeout around every ``receive()``, because entering
     and leaving ``asyncio.timeout`` took 3.8 µs per message (measured on Python 3.11).
     ``heard()`` only records the time. Closing the websocket makes the pending ``receive()`` return,
-    and ``expired`` distinguishes that close from a close by the server.
+    and ``expired`` distinguishes that close from a close by the server. While ``paused`` (the
+    consumer is busy with a message, say waiting for a slow commit) the silence does not count.
     """
 
     def __init__(self, ws: aiohttp.ClientWebSocketResponse, timeout: float | None) -> None:
         self.expired = False
+        self.paused = False
         self._ws = ws
         self._timeout = timeout
         self._loop = asyncio.get_running_loop()
@@ -182,7 +184,9 @@ class _SilenceWatch:
         self._task = asyncio.create_task(self._watch()) if timeout is not None else None
 
     def heard(self) -> None:
+        """Record traffic now, and count silence again from here."""
         self._last = self._loop.time()
+        self.paused = False
 
     def stop(self) -> None:
         if self._task is not None:
@@ -192,7 +196,9 @@ class _SilenceWatch:
         assert self._timeout is not None
         while True:
             silent_for = self._loop.time() - self._last
-            if silent_for >= self._timeout:
+            if self.paused:
+                silent_for = 0.0
+            elif silent_for >= self._timeout:
                 break
             await asyncio.sleep(self._timeout - silent_for)
         self.expired = True
@@ -387,10 +393,13 @@ class StreamClient:
             if message.type is aiohttp.WSMsgType.BINARY:
                 self.counters.binary_messages += 1
                 position += 1
+                # The time the consumer takes over a message is not silence of the server.
+                silence.paused = True
                 if len(message.data) > self.max_message_size:  # only with a raised limit
                     yield self._read_past_limit(message.data, cursor, position - 1)
-                    continue
-                yield message.data
+                else:
+                    yield message.data
+                silence.heard()
             elif message.type is aiohttp.WSMsgType.PING:
                 # The client sends the pong itself rather than through aiohttp's autoping, so that a ping
                 # counts as traffic.

@@ -266,6 +266,21 @@ async def test_silent_socket_triggers_reconnect(start_relay):
     assert relay.connections[0].outcome == "stall"
 
 
+async def test_slow_consumer_not_silence(start_relay):
+    # Review finding: a consumer busy for longer than the receive timeout (a slow commit) made the
+    # silence timer close a connection whose server kept sending.
+    relay = await start_relay(small_frames(3))
+    consumer = Consumer()
+    async with client_for(relay, consumer, receive_timeout=0.3) as client:
+        async for item in client.frames():
+            if consumer.take(item) == 1:
+                await asyncio.sleep(1.0)
+            if consumer.committed == 3:
+                break
+    assert client.counters.timeouts == 0
+    assert client.counters.connects == 1
+
+
 async def test_handshake_503_retried_until_success(start_relay):
     relay = await start_relay(small_frames(3))
     relay.faults.reject_handshakes = 5
