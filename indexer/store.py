@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import operator
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -339,6 +340,10 @@ class StreamLocked(IndexerError):
     """Another process holds the cursor of this endpoint and job."""
 
 
+class LockLost(DatabaseUnavailable):
+    """A commit on lane 1 found that lane 0 no longer holds the cursor lock. A retry takes it again."""
+
+
 LOCK_WAIT_SECONDS = 10.0
 
 
@@ -356,8 +361,9 @@ class Store:
     """Writes batches of one stream endpoint and job, and reads its cursor.
 
     Holds up to two psycopg connections, the lanes 0 and 1, so that one batch can be staged while
-    the batch before it commits (``stage`` and ``finish``). Lane 0 also reads the cursor. ``write``
-    is all-or-nothing per batch. A connection failure raises ``DatabaseUnavailable`` with nothing
+    the batch before it commits (``stage`` and ``finish``). Lane 0 also reads the cursor and, for an
+    exclusive store, holds the cursor's lock. One thread at a time uses a lane. ``write`` is
+    all-or-nothing per batch. A connection failure raises ``DatabaseUnavailable`` with nothing
     committed; call ``write`` again with the same batch after reconnecting. An error in our own SQL
     or schema raises ``StoreError``.
     """
@@ -369,6 +375,9 @@ class Store:
         self.job = job
         self.exclusive = exclusive
         self.lanes: list[psycopg.Connection | None] = [None, None]
+        # Held by the thread that uses a lane. A thread may take lane 0's after lane 1's, never the reverse.
+        self.lane_guards = [threading.RLock(), threading.RLock()]
+        self.lock_lost = False  # a lane 1 commit found the cursor lock gone (see _confirm_lock)
         self.rows_written = 0  # record rows (typed tables and records)
         self.history_rows_written = 0  # labels, identity, account and sync event rows
         self.dead_letters_written = 0
@@ -383,6 +392,9 @@ class Store:
         connection = self.lanes[lane]
         if connection is not None and not connection.closed:
             return connection
+        if self.exclusive and lane == 1:
+            with self.lane_guards[0]:
+                self.connect(0)  # lane 1 writes only while lane 0 holds the cursor lock
         # A name for pg_stat_activity, unless the database URL sets one.
         name = {} if "application_name" in self.url else {"application_name": f"indexer {self.job} lane {lane}"}
         try:
@@ -390,29 +402,28 @@ class Store:
         except CONNECTION_ERRORS as error:
             raise DatabaseUnavailable(f"cannot connect to the database: {error}".strip()) from error
         set_json_dumps(dump_json, context=connection)
-        if self.exclusive:
+        if self.exclusive and lane == 0:
             self._lock_cursor(connection, lane)
-        _create_staging_tables(connection)
-        if self.exclusive and lane == 0 and self.lanes[1] is None:
-            # Both lanes lock at the start, so no second process can start while either connection is alive.
-            try:
-                self.connect(1)
-            except IndexerError:
-                self._drop_connection(0)
-                raise
+        try:
+            _create_staging_tables(connection)
+        except CONNECTION_ERRORS as error:
+            self._drop_connection(lane)
+            raise DatabaseUnavailable(f"creating the staging tables failed: {error}") from error
         return connection
 
+    def _lock_key(self) -> int:
+        digest = hashlib.sha256(f"indexer cursor|{self.endpoint}|{self.job}".encode()).digest()
+        return int.from_bytes(digest[:8], "big", signed=True)
+
     def _lock_cursor(self, connection: psycopg.Connection, lane: int) -> None:
-        """Take the session advisory lock of this endpoint, job and lane, or raise StreamLocked.
+        """Take the session advisory lock of this endpoint and job on lane 0, or raise StreamLocked.
 
         Two writers on one cursor would each move it past the other's uncommitted batches. The
         lock goes with the connection, so a crashed process releases it, and a reconnect takes it
-        again. Each lane has its own lock, so a second process cannot start while either of this
-        store's connections is alive.
+        again. Lane 1 holds no lock of its own: each of its commits checks that lane 0 still holds
+        this one (``_confirm_lock``).
         """
-        name = f"indexer cursor|{self.endpoint}|{self.job}" + (f"|lane {lane}" if lane else "")
-        digest = hashlib.sha256(name.encode()).digest()
-        key = int.from_bytes(digest[:8], "big", signed=True)
+        key = self._lock_key()
         # A process killed a moment ago may still have a session on the server until the server
         # notices, so a held lock is retried for a few seconds before it counts as another writer.
         deadline = time.monotonic() + LOCK_WAIT_SECONDS
@@ -435,41 +446,81 @@ class Store:
             )
 
     def close(self) -> None:
-        for lane, connection in enumerate(self.lanes):
-            if connection is not None:
-                connection.close()
-                self.lanes[lane] = None
+        """Close both lanes, once no thread uses them; a lane still in use after 5 s is left open."""
+        for lane, guard in enumerate(self.lane_guards):
+            # Closing a connection while a thread is inside libpq with it is unsafe. The process
+            # exits soon after a close that found a lane busy (a second signal), which ends the session.
+            if not guard.acquire(timeout=5.0):
+                continue
+            try:
+                self._drop_connection(lane)
+            finally:
+                guard.release()
+
+    def _confirm_lock(self, cursor: psycopg.Cursor, lane: int) -> None:
+        """Raise LockLost unless lane 0's session still holds the cursor lock, for a commit on lane 1.
+
+        Checked in the batch's transaction just before it commits. The lock is gone when lane 0's
+        session ended, and then another process may have taken it. NOTE: lane 0's session can still
+        end between this check and the commit. A second process would have to take the lock and
+        read the cursor within that moment to write beside this one.
+        """
+        if not self.exclusive or lane == 0:
+            return
+        holder = self.lanes[0]
+        pid = holder.info.backend_pid if holder is not None and not holder.closed else None
+        key = self._lock_key() & 0xFFFFFFFFFFFFFFFF  # pg_locks shows a bigint key as two unsigned halves
+        cursor.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = %s AND objid = %s "
+            "AND objsubid = 1 AND pid = %s AND granted)", (key >> 32, key & 0xFFFFFFFF, pid))
+        found = cursor.fetchone()
+        if pid is None or found is None or not found[0]:
+            self.lock_lost = True
+            raise LockLost(f"the cursor lock of {self.endpoint} (job {self.job!r}) is no longer held by this "
+                           "process's lane 0 session; taking it again before the next commit")
+
+    def _reclaim_lock(self) -> None:
+        """Reconnect lane 0, which takes the cursor lock again or raises StreamLocked."""
+        with self.lane_guards[0]:
+            self._drop_connection(0)
+            self.connect(0)
+        self.lock_lost = False
 
     def read_cursor(self) -> int | None:
         """Return the committed cursor of this endpoint and job, or None when there is none yet."""
-        connection = self.connect()
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT seq FROM cursors WHERE endpoint = %s AND job = %s", (self.endpoint, self.job))
-                found = cursor.fetchone()
-            connection.commit()
-        except CONNECTION_ERRORS as error:
-            self._drop_connection()
-            raise DatabaseUnavailable(f"reading the cursor failed: {error}") from error
-        except REFUSED_ERRORS as error:
-            connection.rollback()
-            raise self._refused("reading the cursor", error) from error
-        return found[0] if found else None
+        with self.lane_guards[0]:
+            connection = self.connect()
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT seq FROM cursors WHERE endpoint = %s AND job = %s", (self.endpoint, self.job))
+                    found = cursor.fetchone()
+                connection.commit()
+            except CONNECTION_ERRORS as error:
+                self._drop_connection()
+                raise DatabaseUnavailable(f"reading the cursor failed: {error}") from error
+            except REFUSED_ERRORS as error:
+                connection.rollback()
+                raise self._refused("reading the cursor", error) from error
+            return found[0] if found else None
 
     def write(self, batch: Batch, lane: int = 0) -> None:
         """Apply ``batch`` and move the cursor in one transaction; split it when a value is rejected."""
         if batch.is_empty():
             return
-        connection = self.connect(lane)
-        if connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            # Rows that a failed finish() left staged would be merged a second time.
-            self._abort(lane)
+        with self.lane_guards[lane]:
+            if self.lock_lost and lane == 1:
+                self._abort(lane)
+                self._reclaim_lock()
             connection = self.connect(lane)
-        try:
-            self._write_once(batch, lane)
-        except DATA_ERRORS as error:
-            connection.rollback()
-            self._write_split(batch, error, lane)
+            if connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                # Rows that a failed finish() left staged would be merged a second time.
+                self._abort(lane)
+                connection = self.connect(lane)
+            try:
+                self._write_once(batch, lane)
+            except DATA_ERRORS as error:
+                connection.rollback()
+                self._write_split(batch, error, lane)
 
     def stage(self, batch: Batch, lane: int) -> bool:
         """Open the transaction of ``batch`` on ``lane`` and COPY its rows into that session's staging tables.
@@ -482,18 +533,19 @@ class Store:
         """
         if batch.is_empty():
             return False
-        try:
-            connection = self.connect(lane)
-        except DatabaseUnavailable:
-            return False
-        try:
-            with connection.cursor() as cursor:
-                _copy_staging_rows(cursor, batch)
-        except psycopg.Error:
-            # Any failure here happens again in write(), which classifies it.
-            self._abort(lane)
-            return False
-        return True
+        with self.lane_guards[lane]:
+            try:
+                connection = self.connect(lane)
+            except DatabaseUnavailable:
+                return False
+            try:
+                with connection.cursor() as cursor:
+                    _copy_staging_rows(cursor, batch)
+            except psycopg.Error:
+                # Any failure here happens again in write(), which classifies it.
+                self._abort(lane)
+                return False
+            return True
 
     def finish(self, batch: Batch, lane: int, staged: bool) -> None:
         """Merge the rows that ``stage`` staged, write the rest of ``batch`` and its cursor, and commit.
@@ -502,15 +554,19 @@ class Store:
         does. Failures are those of ``write``. After ``DatabaseUnavailable`` the staged rows are
         gone, so the retry is ``write(batch, lane)``.
         """
-        if not staged:
-            self.write(batch, lane)
-            return
-        connection = self._open_connection(lane)
-        try:
-            self._write_once(batch, lane, staged=True)
-        except DATA_ERRORS as error:
-            connection.rollback()
-            self._write_split(batch, error, lane)
+        with self.lane_guards[lane]:
+            connection = self.lanes[lane]
+            # The staged rows are there only inside the transaction that stage() opened.
+            in_transaction = connection is not None and not connection.closed and \
+                connection.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+            if not (staged and in_transaction) or self.lock_lost:
+                self.write(batch, lane)
+                return
+            try:
+                self._write_once(batch, lane, staged=True)
+            except DATA_ERRORS as error:
+                connection.rollback()
+                self._write_split(batch, error, lane)
 
     def _abort(self, lane: int) -> None:
         """Roll back the open transaction of ``lane``, or drop its connection when that fails too."""
@@ -556,12 +612,14 @@ class Store:
             if staged:
                 with connection.cursor() as cursor:
                     self._merge(cursor, batch)
+                    self._confirm_lock(cursor, lane)
                 connection.commit()
             else:
                 with connection.transaction():
                     with connection.cursor() as cursor:
                         _copy_staging_rows(cursor, batch)
                         self._merge(cursor, batch)
+                        self._confirm_lock(cursor, lane)
         except DATA_ERRORS:
             raise
         except CONNECTION_ERRORS as error:

@@ -6,7 +6,7 @@ import pytest
 
 from indexer import store as store_module
 from indexer.runner import RunSettings, build_indexers
-from indexer.store import Store, StreamLocked
+from indexer.store import Batch, LockLost, Store, StreamLocked
 
 ENDPOINT = "ws://relay.test/xrpc/com.atproto.sync.subscribeRepos"
 
@@ -29,17 +29,28 @@ def test_stream_commits_wait_for_disk(database_url):
             store.close()
 
 
-def test_second_writer_refused_while_lane_alive(database_url, monkeypatch):
+def cursor_batch(seq: int) -> Batch:
+    batch = Batch(endpoint=ENDPOINT)
+    batch.cursor = seq
+    return batch
+
+
+def test_lane_one_stops_after_lock_lost(database_url, monkeypatch):
+    # Review finding: with a lock per lane, a lane that reconnected could commit beside a second
+    # process. Lane 1 now commits only while lane 0's session holds the one cursor lock.
     monkeypatch.setattr(store_module, "LOCK_WAIT_SECONDS", 0.3)
     first = Store(database_url, ENDPOINT, exclusive=True)
     second = Store(database_url, ENDPOINT, exclusive=True)
     try:
-        first.connect()
-        first._drop_connection(0)  # lane 1 still writes for the first store
-        with pytest.raises(StreamLocked, match="already indexing"):
-            second.connect()
-        assert second.lanes == [None, None]
-        first.connect()  # the second store released the lane 0 lock it had taken
+        first.write(cursor_batch(1), lane=1)
+        first._drop_connection(0)  # its session ends, and the lock with it
+        second.connect()
+
+        with pytest.raises(LockLost):
+            first.write(cursor_batch(2), lane=1)
+        with pytest.raises(StreamLocked):
+            first.write(cursor_batch(2), lane=1)  # the retry tries to take the lock back
+        assert second.read_cursor() == 1
     finally:
         first.close()
         second.close()
