@@ -519,7 +519,7 @@ class Store:
             try:
                 self._write_once(batch, lane)
             except DATA_ERRORS as error:
-                connection.rollback()
+                self._abort(lane)  # a connection that breaks here is dropped, and the split reconnects
                 self._write_split(batch, error, lane)
 
     def stage(self, batch: Batch, lane: int) -> bool:
@@ -565,7 +565,7 @@ class Store:
             try:
                 self._write_once(batch, lane, staged=True)
             except DATA_ERRORS as error:
-                connection.rollback()
+                self._abort(lane)  # a connection that breaks here is dropped, and the split reconnects
                 self._write_split(batch, error, lane)
 
     def _abort(self, lane: int) -> None:
