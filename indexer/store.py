@@ -378,6 +378,10 @@ class Store:
         # Held by the thread that uses a lane. A thread may take lane 0's after lane 1's, never the reverse.
         self.lane_guards = [threading.RLock(), threading.RLock()]
         self.lock_lost = False  # a lane 1 commit found the cursor lock gone (see _confirm_lock)
+        # Server process of the lane 0 session that took the cursor lock, from pg_backend_pid(): behind a
+        # connection pooler the pid that libpq reports is not the server's.
+        self.lock_holder_pid: int | None = None
+        self.closed = False
         self.rows_written = 0  # record rows (typed tables and records)
         self.history_rows_written = 0  # labels, identity, account and sync event rows
         self.dead_letters_written = 0
@@ -392,6 +396,8 @@ class Store:
         connection = self.lanes[lane]
         if connection is not None and not connection.closed:
             return connection
+        if self.closed:
+            raise StoreError(f"the store of {self.endpoint} was closed; it connects no more")
         if self.exclusive and lane == 1:
             with self.lane_guards[0]:
                 self.connect(0)  # lane 1 writes only while lane 0 holds the cursor lock
@@ -429,12 +435,14 @@ class Store:
         deadline = time.monotonic() + LOCK_WAIT_SECONDS
         while True:
             try:
-                found = connection.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+                found = connection.execute("SELECT pg_try_advisory_lock(%s), pg_backend_pid()", (key,)).fetchone()
                 connection.commit()
             except CONNECTION_ERRORS as error:
                 self._drop_connection(lane)
                 raise DatabaseUnavailable(f"locking the cursor failed: {error}") from error
             locked = found is not None and found[0]
+            if locked:
+                self.lock_holder_pid = found[1]
             if locked or time.monotonic() >= deadline:
                 break
             time.sleep(0.2)
@@ -446,11 +454,12 @@ class Store:
             )
 
     def close(self) -> None:
-        """Close both lanes, once no thread uses them; a lane still in use after 5 s is left open."""
+        """Close both lanes, once no thread uses them, and connect no more; a lane still in use after 2 s is left open."""
+        self.closed = True
         for lane, guard in enumerate(self.lane_guards):
-            # Closing a connection while a thread is inside libpq with it is unsafe. The process
-            # exits soon after a close that found a lane busy (a second signal), which ends the session.
-            if not guard.acquire(timeout=5.0):
+            # Closing a connection while a thread is inside libpq with it is unsafe. A lane still busy
+            # (after a second signal) keeps its session until that thread ends or the process exits.
+            if not guard.acquire(timeout=2.0):
                 continue
             try:
                 self._drop_connection(lane)
@@ -467,24 +476,39 @@ class Store:
         """
         if not self.exclusive or lane == 0:
             return
-        holder = self.lanes[0]
-        pid = holder.info.backend_pid if holder is not None and not holder.closed else None
-        key = self._lock_key() & 0xFFFFFFFFFFFFFFFF  # pg_locks shows a bigint key as two unsigned halves
-        cursor.execute(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = %s AND objid = %s "
-            "AND objsubid = 1 AND pid = %s AND granted)", (key >> 32, key & 0xFFFFFFFF, pid))
-        found = cursor.fetchone()
-        if pid is None or found is None or not found[0]:
+        pid = self.lock_holder_pid
+        found = None
+        if pid is not None:
+            cursor.execute(_LOCK_HELD_BY, (*_lock_key_halves(self._lock_key()), pid))
+            found = cursor.fetchone()
+        if found is None or not found[0]:
             self.lock_lost = True
             raise LockLost(f"the cursor lock of {self.endpoint} (job {self.job!r}) is no longer held by this "
                            "process's lane 0 session; taking it again before the next commit")
 
     def _reclaim_lock(self) -> None:
-        """Reconnect lane 0, which takes the cursor lock again or raises StreamLocked."""
+        """Make sure lane 0 holds the cursor lock: reconnect it unless it does, which takes the lock or raises StreamLocked."""
         with self.lane_guards[0]:
-            self._drop_connection(0)
-            self.connect(0)
+            if not self._lane_zero_holds_lock():
+                self._drop_connection(0)
+                self.connect(0)
         self.lock_lost = False
+
+    def _lane_zero_holds_lock(self) -> bool:
+        """Return whether lane 0's own session holds the cursor lock, by querying it; False when the session is gone."""
+        connection = self.lanes[0]
+        if connection is None or connection.closed:
+            return False
+        # Lane 0 may hold a staged batch's open transaction, which a read does not disturb.
+        idle = connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        try:
+            found = connection.execute(_LOCK_HELD_BY.replace("pid = %s", "pid = pg_backend_pid()"),
+                                       _lock_key_halves(self._lock_key())).fetchone()
+            if idle:
+                connection.rollback()
+        except CONNECTION_ERRORS:
+            return False
+        return found is not None and bool(found[0])
 
     def read_cursor(self) -> int | None:
         """Return the committed cursor of this endpoint and job, or None when there is none yet."""
@@ -492,7 +516,10 @@ class Store:
             connection = self.connect()
             try:
                 with connection.cursor() as cursor:
-                    cursor.execute("SELECT seq FROM cursors WHERE endpoint = %s AND job = %s", (self.endpoint, self.job))
+                    # FOR SHARE waits for a commit that has written the cursor row and not ended yet: a
+                    # process that just took the lock then reads the cursor that commit leaves.
+                    cursor.execute("SELECT seq FROM cursors WHERE endpoint = %s AND job = %s FOR SHARE",
+                                   (self.endpoint, self.job))
                     found = cursor.fetchone()
                 connection.commit()
             except CONNECTION_ERRORS as error:
@@ -559,7 +586,7 @@ class Store:
             # The staged rows are there only inside the transaction that stage() opened.
             in_transaction = connection is not None and not connection.closed and \
                 connection.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
-            if not (staged and in_transaction) or self.lock_lost:
+            if not (staged and in_transaction) or (self.lock_lost and lane == 1):
                 self.write(batch, lane)
                 return
             try:
@@ -612,7 +639,11 @@ class Store:
             if staged:
                 with connection.cursor() as cursor:
                     self._merge(cursor, batch)
-                    self._confirm_lock(cursor, lane)
+                    try:
+                        self._confirm_lock(cursor, lane)
+                    except LockLost:
+                        connection.rollback()
+                        raise
                 connection.commit()
             else:
                 with connection.transaction():
@@ -680,6 +711,8 @@ class Store:
         return connection
 
     def _drop_connection(self, lane: int = 0) -> None:
+        if lane == 0:
+            self.lock_holder_pid = None
         connection = self.lanes[lane]
         if connection is not None:
             try:
@@ -805,6 +838,16 @@ def _copy_staging_rows(cursor: psycopg.Cursor, batch: Batch) -> None:
         _copy_rows(cursor, table, _written_columns(table), rows.values())
     if batch.actors:
         _copy_actors(cursor, batch.actors)
+
+
+# Whether a session holds the cursor's advisory lock. pg_locks shows a bigint key as two unsigned halves.
+_LOCK_HELD_BY = ("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = %s "
+                 "AND objid = %s AND objsubid = 1 AND pid = %s AND granted)")
+
+
+def _lock_key_halves(key: int) -> tuple[int, int]:
+    unsigned = key & 0xFFFFFFFFFFFFFFFF
+    return unsigned >> 32, unsigned & 0xFFFFFFFF
 
 
 def _record_key(table: Table) -> list[str]:

@@ -282,7 +282,8 @@ async def test_unreadable_cursor_table_stops_indexer(database_url):
 async def test_cli_reports_refused_write_in_one_line(database_url):
     """``indexer run`` exits with status 1 and one ``error:`` line, not a traceback."""
     executable = Path(sys.executable).parent / "indexer"
-    with limited_role(database_url, "INSERT, UPDATE ON cursors") as limited_url:
+    # Not the cursors table: reading the cursor takes a row lock (FOR SHARE), which needs UPDATE there.
+    with limited_role(database_url, "INSERT, UPDATE ON posts") as limited_url:
         async with ReplayRelay(post_frames(1, 3)) as relay:
             process = await asyncio.create_subprocess_exec(
                 str(executable), "run", "--relay", relay.base_url, "--no-labels", "--no-metrics", "--no-migrate", "--verify", "off",
@@ -292,5 +293,5 @@ async def test_cli_reports_refused_write_in_one_line(database_url):
 
     assert process.returncode == 1
     assert lines[-1].startswith("error: writing a batch of")
-    assert "permission denied for table cursors" in lines[-1]
+    assert "permission denied for table posts" in lines[-1]
     assert "Traceback" not in stderr.decode()

@@ -6,7 +6,7 @@ import pytest
 
 from indexer import store as store_module
 from indexer.runner import RunSettings, build_indexers
-from indexer.store import Batch, LockLost, Store, StreamLocked
+from indexer.store import Batch, LockLost, Store, StoreError, StreamLocked
 
 ENDPOINT = "ws://relay.test/xrpc/com.atproto.sync.subscribeRepos"
 
@@ -62,3 +62,28 @@ def test_lanes_named_in_pg_stat_activity(database_url):
         assert session_setting(store, "application_name") == "indexer backfill lane 0"
     finally:
         store.close()
+
+
+def test_spurious_lock_lost_keeps_lane_zero(database_url):
+    # Review finding: a LockLost seen while lane 0 was reconnecting on another thread made the retry
+    # reconnect lane 0 again. The retry now queries lane 0's session first.
+    store = Store(database_url, ENDPOINT, exclusive=True)
+    try:
+        store.connect()
+        lane_zero = store.connection
+        store.lock_lost = True
+        store.write(cursor_batch(1), lane=1)
+        assert store.connection is lane_zero
+        assert store.read_cursor() == 1
+    finally:
+        store.close()
+
+
+def test_closed_store_connects_no_more(database_url):
+    # Review finding: a thread still staging after close() reopened both lanes and took the lock again.
+    store = Store(database_url, ENDPOINT, exclusive=True)
+    store.connect()
+    store.close()
+    with pytest.raises(StoreError, match="was closed"):
+        store.write(cursor_batch(1), lane=1)
+    assert store.lanes == [None, None]
