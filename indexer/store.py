@@ -471,8 +471,8 @@ class Store:
 
         Checked in the batch's transaction just before it commits. The lock is gone when lane 0's
         session ended, and then another process may have taken it. NOTE: lane 0's session can still
-        end between this check and the commit. A second process would have to take the lock and
-        read the cursor within that moment to write beside this one.
+        end between this check and the commit. A process that takes the lock then waits for this
+        commit when it reads the cursor (FOR SHARE), unless the cursor row did not exist yet.
         """
         if not self.exclusive or lane == 0:
             return
