@@ -36,14 +36,18 @@ async def subscribe_repos(relay: str, cursor: int | None = None, **options: Any)
     (``receive_timeout``, ``max_message_size``, ``backoff``). To leave the loop early, iterate
     inside ``contextlib.aclosing(subscribe_repos(...))`` so the connection closes at once.
     """
-    async for event in _subscribe(relay, REPOS_METHOD, frames.decode_repo_frame, cursor, options):
-        yield event
+    # aclosing: closing this generator closes the inner one at once, while the loop runs. Left to the
+    # garbage collector, its connection's shutdown could be cut off when the loop stops.
+    async with aclosing(_subscribe(relay, REPOS_METHOD, frames.decode_repo_frame, cursor, options)) as events:
+        async for event in events:
+            yield event
 
 
 async def subscribe_labels(labeler: str, cursor: int | None = None, **options: Any) -> AsyncIterator[LabelEvent]:
     """Yield decoded events of a labeler's ``subscribeLabels`` stream, starting after ``cursor``."""
-    async for event in _subscribe(labeler, LABELS_METHOD, frames.decode_label_frame, cursor, options):
-        yield event
+    async with aclosing(_subscribe(labeler, LABELS_METHOD, frames.decode_label_frame, cursor, options)) as events:
+        async for event in events:
+            yield event
 
 
 async def _subscribe(base: str, method: str, decode: Callable[[bytes], Any], cursor: int | None,
@@ -90,11 +94,6 @@ class Firehose:
 
     def stop(self) -> None:
         """Make ``start`` return after the current event."""
-        # TODO: called from on_event, this leaves the websocket's HTTP response unreleased: a ws.close()
-        # in the stream client's shutdown is interrupted by GeneratorExit, and after start() returns
-        # Python reports "Event loop is closed" from ClientResponse.__del__. It began with the silence
-        # timer (stream._SilenceWatch); `pytest tests/test_firehose_library.py tests/test_frames.py -k
-        # "callback or corpus_frames_all_decode"` shows it every time.
         self._stopped.set()
         if self._loop is not None and self._task is not None:
             self._loop.call_soon_threadsafe(self._task.cancel)

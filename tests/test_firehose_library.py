@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from contextlib import aclosing
 
@@ -44,6 +45,9 @@ async def test_async_iterator_resumes_after_cursor():
     assert first.seq == frames[50][0]
 
 
+# Regression: stop() from on_event left the websocket's HTTP response to the garbage collector,
+# which reported "Event loop is closed" once start() had returned.
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 async def test_callback_form_stops_and_keeps_cursor():
     frames = jetstream_frames()
     async with ReplayRelay(frames) as relay:
@@ -59,6 +63,7 @@ async def test_callback_form_stops_and_keeps_cursor():
         thread.start()
         while thread.is_alive():
             await asyncio.sleep(0.05)
+        gc.collect()  # an unreleased response would report its error now, inside this test
 
     assert received == [seq for seq, _ in frames[:10]]
     assert firehose.cursor == frames[9][0]
