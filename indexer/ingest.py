@@ -326,12 +326,13 @@ class StreamIndexer:
 
     async def _commit(self, batch: Batch, lane: int, staged: bool) -> None:
         started = time.monotonic()
-        first_attempt = [staged]
+        rows_staged = staged
 
         def write() -> None:
             # A retry after DatabaseUnavailable writes the batch whole: its staged rows went with the connection.
-            rows_staged, first_attempt[0] = first_attempt[0], False
-            self.store.finish(batch, lane, rows_staged)
+            nonlocal rows_staged
+            attempt_staged, rows_staged = rows_staged, False
+            self.store.finish(batch, lane, attempt_staged)
 
         await self._with_database(write)
         self.counters.commit_seconds.append(time.monotonic() - started)

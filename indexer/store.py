@@ -409,7 +409,7 @@ class Store:
             raise DatabaseUnavailable(f"cannot connect to the database: {error}".strip()) from error
         set_json_dumps(dump_json, context=connection)
         if self.exclusive and lane == 0:
-            self._lock_cursor(connection, lane)
+            self._lock_cursor(connection)
         try:
             _create_staging_tables(connection)
         except CONNECTION_ERRORS as error:
@@ -421,7 +421,7 @@ class Store:
         digest = hashlib.sha256(f"indexer cursor|{self.endpoint}|{self.job}".encode()).digest()
         return int.from_bytes(digest[:8], "big", signed=True)
 
-    def _lock_cursor(self, connection: psycopg.Connection, lane: int) -> None:
+    def _lock_cursor(self, connection: psycopg.Connection) -> None:
         """Take the session advisory lock of this endpoint and job on lane 0, or raise StreamLocked.
 
         Two writers on one cursor would each move it past the other's uncommitted batches. The
@@ -438,7 +438,7 @@ class Store:
                 found = connection.execute("SELECT pg_try_advisory_lock(%s), pg_backend_pid()", (key,)).fetchone()
                 connection.commit()
             except CONNECTION_ERRORS as error:
-                self._drop_connection(lane)
+                self._drop_connection(0)
                 raise DatabaseUnavailable(f"locking the cursor failed: {error}") from error
             locked = found is not None and found[0]
             if locked:
@@ -447,7 +447,7 @@ class Store:
                 break
             time.sleep(0.2)
         if not locked:
-            self._drop_connection(lane)
+            self._drop_connection(0)
             raise StreamLocked(
                 f"another indexer process is already indexing {self.endpoint} (job {self.job!r}) into this "
                 "database. Stop it first; a backfill replay can run beside it under its own --job."
@@ -479,7 +479,7 @@ class Store:
         pid = self.lock_holder_pid
         found = None
         if pid is not None:
-            cursor.execute(_LOCK_HELD_BY, (*_lock_key_halves(self._lock_key()), pid))
+            cursor.execute(_LOCK_HELD_BY_PID, (*_lock_key_halves(self._lock_key()), pid))
             found = cursor.fetchone()
         if found is None or not found[0]:
             self.lock_lost = True
@@ -502,8 +502,7 @@ class Store:
         # Lane 0 may hold a staged batch's open transaction, which a read does not disturb.
         idle = connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         try:
-            found = connection.execute(_LOCK_HELD_BY.replace("pid = %s", "pid = pg_backend_pid()"),
-                                       _lock_key_halves(self._lock_key())).fetchone()
+            found = connection.execute(_LOCK_HELD_BY_THIS_SESSION, _lock_key_halves(self._lock_key())).fetchone()
             if idle:
                 connection.rollback()
         except CONNECTION_ERRORS:
@@ -536,18 +535,13 @@ class Store:
             return
         with self.lane_guards[lane]:
             if self.lock_lost and lane == 1:
-                self._abort(lane)
                 self._reclaim_lock()
             connection = self.connect(lane)
             if connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                 # Rows that a failed finish() left staged would be merged a second time.
                 self._abort(lane)
-                connection = self.connect(lane)
-            try:
-                self._write_once(batch, lane)
-            except DATA_ERRORS as error:
-                self._abort(lane)  # a connection that breaks here is dropped, and the split reconnects
-                self._write_split(batch, error, lane)
+                self.connect(lane)
+            self._write_or_split(batch, lane, staged=False)
 
     def stage(self, batch: Batch, lane: int) -> bool:
         """Open the transaction of ``batch`` on ``lane`` and COPY its rows into that session's staging tables.
@@ -584,16 +578,20 @@ class Store:
         with self.lane_guards[lane]:
             connection = self.lanes[lane]
             # The staged rows are there only inside the transaction that stage() opened.
-            in_transaction = connection is not None and not connection.closed and \
-                connection.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+            in_transaction = (connection is not None and not connection.closed
+                              and connection.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS)
             if not (staged and in_transaction) or (self.lock_lost and lane == 1):
                 self.write(batch, lane)
                 return
-            try:
-                self._write_once(batch, lane, staged=True)
-            except DATA_ERRORS as error:
-                self._abort(lane)  # a connection that breaks here is dropped, and the split reconnects
-                self._write_split(batch, error, lane)
+            self._write_or_split(batch, lane, staged=True)
+
+    def _write_or_split(self, batch: Batch, lane: int, *, staged: bool) -> None:
+        """Write ``batch`` in one transaction, or split it when the database rejects a value."""
+        try:
+            self._write_once(batch, lane, staged=staged)
+        except DATA_ERRORS as error:
+            self._abort(lane)  # a connection that breaks here is dropped, and the split reconnects
+            self._write_split(batch, error, lane)
 
     def _abort(self, lane: int) -> None:
         """Roll back the open transaction of ``lane``, or drop its connection when that fails too."""
@@ -642,7 +640,7 @@ class Store:
                     try:
                         self._confirm_lock(cursor, lane)
                     except LockLost:
-                        connection.rollback()
+                        self._abort(lane)
                         raise
                 connection.commit()
             else:
@@ -841,8 +839,10 @@ def _copy_staging_rows(cursor: psycopg.Cursor, batch: Batch) -> None:
 
 
 # Whether a session holds the cursor's advisory lock. pg_locks shows a bigint key as two unsigned halves.
-_LOCK_HELD_BY = ("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = %s "
-                 "AND objid = %s AND objsubid = 1 AND pid = %s AND granted)")
+_LOCK_HELD = ("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = %s "
+              "AND objid = %s AND objsubid = 1 AND pid = {pid} AND granted)")
+_LOCK_HELD_BY_PID = _LOCK_HELD.format(pid="%s")
+_LOCK_HELD_BY_THIS_SESSION = _LOCK_HELD.format(pid="pg_backend_pid()")
 
 
 def _lock_key_halves(key: int) -> tuple[int, int]:

@@ -189,6 +189,7 @@ class _SilenceWatch:
         self.paused = False
 
     def stop(self) -> None:
+        """Cancel the timer; the connection stays as it is."""
         if self._task is not None:
             self._task.cancel()
 
@@ -409,9 +410,10 @@ class StreamClient:
                     self.counters.transport_errors += 1
                     self._log(logging.WARNING, "disconnected: connection error", cursor, error=_describe(error))
                     return
-            elif message.type in (aiohttp.WSMsgType.PONG, aiohttp.WSMsgType.TEXT):
-                if message.type is aiohttp.WSMsgType.TEXT:
-                    self.counters.text_messages += 1
+            elif message.type is aiohttp.WSMsgType.TEXT:
+                self.counters.text_messages += 1
+            elif message.type is aiohttp.WSMsgType.PONG:
+                pass  # traffic, which heard() has noted
             elif message.type is aiohttp.WSMsgType.ERROR:
                 oversized = self._oversized_marker(message.data, cursor, position)
                 if oversized is not None:
