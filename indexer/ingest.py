@@ -311,7 +311,7 @@ class StreamIndexer:
             raise self.write_failure
 
     async def _stage(self, batch: Batch, lane: int) -> tuple[Batch, bool]:
-        """Verify ``batch`` (when checks are on) and COPY its rows on ``lane``; return it and whether its rows are staged."""
+        """Verify ``batch`` (when checks are on), COPY its rows on ``lane``, and return it and whether its rows are staged."""
         if batch.is_empty():
             return batch, False
         if self.verifier is not None:

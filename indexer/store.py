@@ -397,7 +397,8 @@ class Store:
         if connection is not None and not connection.closed:
             return connection
         if self.closed:
-            raise StoreError(f"the store of {self.endpoint} was closed; it connects no more")
+            raise StoreError(f"connecting to the database for {self.endpoint} failed: the store is closed, because "
+                             "the indexer is shutting down. A write after close() is a bug in indexer.")
         if self.exclusive and lane == 1:
             with self.lane_guards[0]:
                 self.connect(0)  # lane 1 writes only while lane 0 holds the cursor lock
@@ -454,7 +455,7 @@ class Store:
             )
 
     def close(self) -> None:
-        """Close both lanes, once no thread uses them, and connect no more; a lane still in use after 2 s is left open."""
+        """Close both lanes once no thread uses them, and refuse to connect again. A lane still busy after 2 s stays open."""
         self.closed = True
         for lane, guard in enumerate(self.lane_guards):
             # Closing a connection while a thread is inside libpq with it is unsafe. A lane still busy
@@ -484,7 +485,7 @@ class Store:
         if found is None or not found[0]:
             self.lock_lost = True
             raise LockLost(f"the cursor lock of {self.endpoint} (job {self.job!r}) is no longer held by this "
-                           "process's lane 0 session; taking it again before the next commit")
+                           "process's lane 0 session. The retry takes it again before the next commit.")
 
     def _reclaim_lock(self) -> None:
         """Make sure lane 0 holds the cursor lock: reconnect it unless it does, which takes the lock or raises StreamLocked."""
@@ -495,7 +496,7 @@ class Store:
         self.lock_lost = False
 
     def _lane_zero_holds_lock(self) -> bool:
-        """Return whether lane 0's own session holds the cursor lock, by querying it; False when the session is gone."""
+        """Return whether lane 0's own session holds the cursor lock, by querying it. A session that is gone holds none."""
         connection = self.lanes[0]
         if connection is None or connection.closed:
             return False
@@ -571,7 +572,7 @@ class Store:
     def finish(self, batch: Batch, lane: int, staged: bool) -> None:
         """Merge the rows that ``stage`` staged, write the rest of ``batch`` and its cursor, and commit.
 
-        ``staged`` is what ``stage`` returned; when False the batch is written whole, as ``write``
+        ``staged`` is what ``stage`` returned. When False, the batch is written whole, as ``write``
         does. Failures are those of ``write``. After ``DatabaseUnavailable`` the staged rows are
         gone, so the retry is ``write(batch, lane)``.
         """
@@ -631,7 +632,7 @@ class Store:
         self._write_once(replacement, lane)
 
     def _write_once(self, batch: Batch, lane: int, staged: bool = False) -> None:
-        """Write ``batch`` in one transaction; with ``staged``, in the one ``stage`` opened, which commits here."""
+        """Write ``batch`` in one transaction. With ``staged``, that is the transaction ``stage`` opened, committed here."""
         connection = self._open_connection(lane)
         try:
             if staged:

@@ -84,6 +84,6 @@ def test_closed_store_connects_no_more(database_url):
     store = Store(database_url, ENDPOINT, exclusive=True)
     store.connect()
     store.close()
-    with pytest.raises(StoreError, match="was closed"):
+    with pytest.raises(StoreError, match="the store is closed"):
         store.write(cursor_batch(1), lane=1)
     assert store.lanes == [None, None]
